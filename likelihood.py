@@ -1,0 +1,1 @@
+"""likelihood: not built yet."""

@@ -1,0 +1,1 @@
+"""losses: not built yet."""

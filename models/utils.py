@@ -1,0 +1,266 @@
+"""The bridge from (model, params, SDE) to a time-dependent ``score_fn(x, t)``.
+
+Also home of the model registry, the training :class:`State`, noise schedules used by
+the architectures, and the noise-conditional classifier helpers for class-conditional
+sampling.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, Dict
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import sde_lib
+from sde_lib import batch_mul
+
+
+@flax.struct.dataclass
+class State:
+    """Everything a training run carries from step to step (one replica's view).
+
+    Attributes:
+        step: number of optimizer steps taken.
+        params: trainable parameters (the original's ``optimizer.target``).
+        opt_state: optax optimizer state (Adam moments, ...).
+        lr: the configured base learning rate (warmup scales it per step).
+        model_state: non-trainable variable collections (empty for all score models).
+        ema_rate: decay of the exponential moving average of the parameters.
+        params_ema: EMA of ``params``; evaluation and sampling use these.
+        rng: PRNG key for the next step.
+    """
+
+    step: int
+    params: Any
+    opt_state: Any
+    lr: float
+    model_state: Any
+    ema_rate: float
+    params_ema: Any
+    rng: Any
+
+
+_MODELS: Dict[str, type] = {}
+
+
+def register_model(cls=None, *, name: str | None = None):
+    """Class decorator registering a Flax module under ``name`` (default: class name)."""
+
+    def _register(cls):
+        local_name = cls.__name__ if name is None else name
+        if local_name in _MODELS:
+            raise ValueError(f"A model is already registered under the name {local_name!r}.")
+        _MODELS[local_name] = cls
+        return cls
+
+    return _register if cls is None else _register(cls)
+
+
+def _import_architectures() -> None:
+    """Import every architecture module so that their ``@register_model`` decorators run."""
+    import models  # noqa: F401  (models/__init__.py imports the architectures)
+
+
+def registered_models() -> list[str]:
+    """Names accepted by :func:`get_model` (``config.model.name``)."""
+    _import_architectures()
+    return sorted(_MODELS)
+
+
+def get_model(name: str) -> type:
+    """The Flax module class registered as ``name``."""
+    _import_architectures()
+    if name not in _MODELS:
+        raise ValueError(f"config.model.name={name!r} is not a registered model; choose one of {sorted(_MODELS)}.")
+    return _MODELS[name]
+
+
+def get_sigmas(config) -> jax.Array:
+    """SMLD noise levels: ``num_scales`` values geometric from ``sigma_max`` down to ``sigma_min``."""
+    return jnp.exp(jnp.linspace(jnp.log(config.model.sigma_max), jnp.log(config.model.sigma_min),
+                                config.model.num_scales))
+
+
+def get_ddpm_params(config) -> dict:
+    """DDPM's discrete schedule (float64 numpy): betas, alphas and their cumulative products.
+
+    The number of diffusion steps is fixed to 1000 as in the original, with
+    ``beta_i`` linear from ``beta_min/num_scales`` to ``beta_max/num_scales``.
+    """
+    num_diffusion_timesteps = 1000
+    beta_start = config.model.beta_min / config.model.num_scales
+    beta_end = config.model.beta_max / config.model.num_scales
+    betas = np.linspace(beta_start, beta_end, num_diffusion_timesteps, dtype=np.float64)
+    alphas = 1.0 - betas
+    alphas_cumprod = np.cumprod(alphas, axis=0)
+    return {
+        "betas": betas,
+        "alphas": alphas,
+        "alphas_cumprod": alphas_cumprod,
+        "sqrt_alphas_cumprod": np.sqrt(alphas_cumprod),
+        "sqrt_1m_alphas_cumprod": np.sqrt(1.0 - alphas_cumprod),
+        "beta_min": beta_start * (num_diffusion_timesteps - 1),
+        "beta_max": beta_end * (num_diffusion_timesteps - 1),
+        "num_diffusion_timesteps": num_diffusion_timesteps,
+    }
+
+
+def model_input_shape(config, batch_size: int = 1) -> tuple:
+    """``(batch, image_size, image_size, num_channels)`` as the config describes the data."""
+    return (batch_size, config.data.image_size, config.data.image_size, config.data.num_channels)
+
+
+def create_model(config):
+    """An un-initialised instance of ``config.model.name`` bound to ``config``."""
+    return get_model(config.model.name)(config=config)
+
+
+def init_model(rng: jax.Array, config):
+    """Create and initialise the model of ``config``.
+
+    Returns:
+        ``(model, init_model_state, initial_params)``: the Flax module, its non-parameter
+        collections (a dict, usually empty) and its parameter tree.
+    """
+    model = create_model(config)
+    fake_input = jnp.zeros(model_input_shape(config))
+    fake_label = jnp.zeros((1,), dtype=jnp.int32)
+    params_rng, dropout_rng = jax.random.split(rng)
+    variables = model.init({"params": params_rng, "dropout": dropout_rng}, fake_input, fake_label, train=False)
+    variables = flax.core.unfreeze(variables)
+    initial_params = variables.pop("params")
+    return model, variables, initial_params
+
+
+def get_model_fn(model, params, states, train: bool = False) -> Callable:
+    """``model_fn(x, labels, rng=None) -> (output, new_states)`` for fixed variables.
+
+    Args:
+        model: a Flax module (see :func:`get_model`).
+        params: its parameter tree.
+        states: its other variable collections (dict; may be empty).
+        train: training mode (dropout on, mutable collections updated) or evaluation.
+    """
+    states = dict(states or {})
+
+    def model_fn(x, labels, rng=None):
+        variables = {"params": params, **states}
+        if not train:
+            return model.apply(variables, x, labels, train=False, mutable=False), states
+        return model.apply(variables, x, labels, train=True, mutable=list(states.keys()), rngs={"dropout": rng})
+
+    return model_fn
+
+
+def get_score_fn(sde, model, params, states, train: bool = False, continuous: bool = False,
+                 return_state: bool = False) -> Callable:
+    """Wrap the model so that its output is the score ``∇_x log p_t(x)``.
+
+    Time conditioning follows the original exactly:
+
+    * VP / sub-VP, continuous (sub-VP always): label ``999·t``; output scaled by ``-1/std(t)``.
+    * VP, discrete: label ``t·(N-1)``; output scaled by ``-1/sqrt(1 - ᾱ_i)``.
+    * VE, continuous: label ``σ(t)``; the output is the score.
+    * VE, discrete: label ``round((T - t)·(N-1))`` (t = 0 is the largest noise level).
+
+    Returns:
+        ``score_fn(x, t, rng=None)`` with x (batch, H, W, C) and t (batch,); returns the
+        score (and the new model state if ``return_state``).
+    """
+    model_fn = get_model_fn(model, params, states, train=train)
+
+    if isinstance(sde, (sde_lib.VPSDE, sde_lib.subVPSDE)):
+        def score_fn(x, t, rng=None):
+            if continuous or isinstance(sde, sde_lib.subVPSDE):
+                labels = t * 999
+                output, state = model_fn(x, labels, rng)
+                std = sde.marginal_prob(jnp.zeros_like(x), t)[1]
+            else:
+                labels = t * (sde.N - 1)
+                output, state = model_fn(x, labels, rng)
+                std = sde.sqrt_1m_alphas_cumprod[labels.astype(jnp.int32)]
+            score = batch_mul(-output, 1.0 / std)
+            return (score, state) if return_state else score
+
+    elif isinstance(sde, sde_lib.VESDE):
+        def score_fn(x, t, rng=None):
+            if continuous:
+                labels = sde.marginal_prob(jnp.zeros_like(x), t)[1]
+            else:
+                labels = jnp.round((sde.T - t) * (sde.N - 1)).astype(jnp.int32)
+            score, state = model_fn(x, labels, rng)
+            return (score, state) if return_state else score
+
+    else:
+        raise NotImplementedError(f"SDE class {type(sde).__name__} is not supported by get_score_fn.")
+
+    return score_fn
+
+
+def to_flattened_numpy(x) -> np.ndarray:
+    """Flatten a JAX array into a 1-D numpy array (for scipy's ODE solvers)."""
+    return np.asarray(x).reshape((-1,))
+
+
+def from_flattened_numpy(x, shape) -> jax.Array:
+    """Reshape a flat numpy array into a JAX array of ``shape``."""
+    return jnp.asarray(x).reshape(shape)
+
+
+# The noise-conditional classifier of the original's class-conditional CIFAR-10 sampling.
+_CIFAR10_MEAN = (0.49139968, 0.48215841, 0.44653091)
+_CIFAR10_STD = (0.24703223, 0.24348513, 0.26158784)
+
+
+def create_classifier(prng_key, batch_size: int, ckpt_path: str | None):
+    """Create the noise-conditional Wide-ResNet classifier (CIFAR-10, 32×32×3, 10 classes).
+
+    Args:
+        prng_key: PRNG key for initialisation.
+        batch_size: batch size used to initialise.
+        ckpt_path: a flax checkpoint directory or file holding the classifier's params; ``None``
+            keeps the freshly initialised parameters.
+
+    Returns:
+        ``(classifier, classifier_params)``.
+    """
+    from flax.training import checkpoints
+
+    from models import wideresnet_noise_conditional
+
+    classifier = wideresnet_noise_conditional.WideResnet(blocks_per_group=4, channel_multiplier=10, num_outputs=10)
+    variables = classifier.init({"params": prng_key, "dropout": jax.random.PRNGKey(0)},
+                                jnp.ones((batch_size, 32, 32, 3), jnp.float32),
+                                jnp.ones((batch_size,), jnp.float32), train=False)
+    params = flax.core.unfreeze(variables)["params"]
+    if ckpt_path is not None:
+        params = checkpoints.restore_checkpoint(ckpt_path, params)
+    return classifier, params
+
+
+def get_logit_fn(classifier, classifier_params) -> Callable:
+    """``logit_fn(data, ve_noise_scale) -> logits`` with CIFAR-10 normalisation applied to ``data``."""
+    mean = jnp.asarray(_CIFAR10_MEAN)
+    std = jnp.asarray(_CIFAR10_STD)
+
+    def logit_fn(data, ve_noise_scale):
+        return classifier.apply({"params": classifier_params}, (data - mean) / std, ve_noise_scale,
+                                train=False, mutable=False)
+
+    return logit_fn
+
+
+def get_classifier_grad_fn(logit_fn) -> Callable:
+    """``grad_fn(data, ve_noise_scale, labels)`` = ∇_data Σ_i log p(labels_i | data_i, σ)."""
+
+    def grad_fn(data, ve_noise_scale, labels):
+        def log_prob(d):
+            logp = jax.nn.log_softmax(logit_fn(d, ve_noise_scale), axis=-1)
+            return logp[jnp.arange(labels.shape[0]), labels].sum()
+
+        return jax.grad(log_prob)(data)
+
+    return grad_fn

@@ -1,0 +1,1 @@
+"""run_lib: not built yet."""

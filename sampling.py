@@ -1,0 +1,1 @@
+"""sampling: not built yet."""

@@ -1,0 +1,2 @@
+"""Supporting code of score_sde: data, evaluation, checkpoints, controllable generation,
+analytic test distributions, device parallelism and reporting."""
