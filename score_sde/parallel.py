@@ -1,0 +1,129 @@
+"""Every device- and process-parallel detail in one place.
+
+score_sde runs data parallel with ``jax.pmap`` over the local devices, the way the
+original did. ``pmap`` is in maintenance mode since JAX 0.8 but supported; all other
+modules call the helpers here (never ``jax.pmap`` / ``jax.device_put_replicated``
+directly), so moving to ``jit`` + sharding later touches this file only.
+
+Conventions: a *replicated* pytree has a leading axis of size ``local_device_count()``;
+a *sharded* batch has shape ``(local_device_count(), per_device_batch, ...)``.
+The collective axis is always named ``'batch'`` (the original's name, which correctors
+and the train step use in ``lax.pmean``).
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Callable, Sequence
+
+import jax
+import numpy as np
+
+AXIS_NAME = "batch"
+
+
+def local_device_count() -> int:
+    """Number of devices attached to this process."""
+    return jax.local_device_count()
+
+
+def device_count() -> int:
+    """Number of devices over all processes."""
+    return jax.device_count()
+
+
+def process_index() -> int:
+    """Index of this process (host) among ``process_count()``; 0 writes files."""
+    return jax.process_index()
+
+
+def process_count() -> int:
+    return jax.process_count()
+
+
+def is_main_process() -> bool:
+    """True on the process that writes checkpoints, summaries and samples."""
+    return jax.process_index() == 0
+
+
+def pmap(fn: Callable, *, static_broadcasted_argnums: Sequence[int] = (), donate_argnums: Sequence[int] = ()) -> Callable:
+    """``jax.pmap`` over local devices with the collective axis named ``'batch'``."""
+    return jax.pmap(fn, axis_name=AXIS_NAME, static_broadcasted_argnums=tuple(static_broadcasted_argnums),
+                    donate_argnums=tuple(donate_argnums))
+
+
+def pmean(x: Any) -> Any:
+    """Mean over the ``'batch'`` axis inside a :func:`pmap`-ed function."""
+    return jax.lax.pmean(x, axis_name=AXIS_NAME)
+
+
+def pmean_if_bound(x: Any) -> Any:
+    """:func:`pmean` when called under :func:`pmap`, identity otherwise.
+
+    Lets per-replica algorithms (e.g. the Langevin corrector's step size) run both
+    inside the pmapped samplers and on a plain ``score_fn`` under ``jit``.
+    """
+    try:
+        return jax.lax.pmean(x, axis_name=AXIS_NAME)
+    except NameError:
+        return x
+
+
+def replicate(tree: Any) -> Any:
+    """Copy a pytree to every local device (adds the leading device axis)."""
+    return jax.device_put_replicated(tree, jax.local_devices())
+
+
+def unreplicate(tree: Any) -> Any:
+    """The first replica of a replicated pytree (removes the leading device axis)."""
+    return jax.tree_util.tree_map(lambda x: x[0], tree)
+
+
+def shard(batch: Any) -> Any:
+    """Reshape arrays ``(global_local_batch, ...)`` to ``(local_devices, per_device, ...)``."""
+    n = local_device_count()
+
+    def _reshape(x):
+        x = np.asarray(x) if not isinstance(x, jax.Array) else x
+        if x.shape[0] % n:
+            raise ValueError(f"Batch of {x.shape[0]} examples does not split over {n} local devices; "
+                             f"make the batch size a multiple of the device count.")
+        return x.reshape((n, x.shape[0] // n) + x.shape[1:])
+
+    return jax.tree_util.tree_map(_reshape, batch)
+
+
+def unshard(batch: Any) -> Any:
+    """Inverse of :func:`shard`: merge the device axis into the batch axis."""
+    return jax.tree_util.tree_map(lambda x: x.reshape((-1,) + x.shape[2:]), batch)
+
+
+def split_per_device(rng: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Split ``rng`` into a new carry key and one key per local device, ``(n, 2)``."""
+    keys = jax.random.split(rng, local_device_count() + 1)
+    return keys[0], keys[1:]
+
+
+def fold_in_process(rng: jax.Array) -> jax.Array:
+    """Make the key differ between processes (hosts), as the original's ``fold_in(rng, host_id)``."""
+    return jax.random.fold_in(rng, process_index())
+
+
+def maybe_initialize_distributed(coordinator_address: str | None = None, num_processes: int | None = None,
+                                 process_id: int | None = None) -> bool:
+    """Join a multi-process run when a coordinator is given (flags or environment).
+
+    Reads ``JAX_COORDINATOR_ADDRESS``, ``JAX_NUM_PROCESSES`` and ``JAX_PROCESS_ID`` when the
+    arguments are None. On CPU, cross-process collectives use gloo. Returns True if
+    ``jax.distributed.initialize`` was called.
+    """
+    coordinator_address = coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS")
+    if not coordinator_address:
+        return False
+    num_processes = num_processes if num_processes is not None else int(os.environ["JAX_NUM_PROCESSES"])
+    process_id = process_id if process_id is not None else int(os.environ["JAX_PROCESS_ID"])
+    # Only affects the CPU backend; must be set before any backend starts.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
+                               process_id=process_id)
+    return True
+
