@@ -70,7 +70,10 @@ def pmean_if_bound(x: Any) -> Any:
 
 def replicate(tree: Any) -> Any:
     """Copy a pytree to every local device (adds the leading device axis)."""
-    return jax.device_put_replicated(tree, jax.local_devices())
+    # jax.device_put_replicated is removed in jax 0.10; this is its documented replacement.
+    devices = jax.local_devices()
+    sharding = jax.NamedSharding(jax.sharding.Mesh(np.array(devices), ("replica",)), jax.P("replica"))
+    return jax.tree_util.tree_map(lambda x: jax.device_put(np.stack([np.asarray(x)] * len(devices)), sharding), tree)
 
 
 def unreplicate(tree: Any) -> Any:
