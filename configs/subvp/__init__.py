@@ -1,0 +1,1 @@
+"""Configs under configs/subvp (package so they import as `configs.subvp.<name>`)."""

@@ -1,0 +1,1 @@
+"""Configs under configs/ve (package so they import as `configs.ve.<name>`)."""

@@ -1,0 +1,1 @@
+"""Configs under configs/ve/ncsnv2 (package so they import as `configs.ve.ncsnv2.<name>`)."""

@@ -1,0 +1,1 @@
+"""Configs under configs/vp (package so they import as `configs.vp.<name>`)."""

@@ -1,0 +1,1 @@
+"""Configs under configs/vp/ddpm (package so they import as `configs.vp.ddpm.<name>`)."""

@@ -1,0 +1,172 @@
+"""Up-front validation of an ml_collections config, run by ``main.py`` before any work starts.
+
+:func:`validate_config` checks every field that would otherwise fail late (after data loading, model
+initialisation or hours of training) and raises one ``ValueError`` listing every problem, one line each,
+each naming the field, its bad value and what is allowed.
+
+The checks are two tables:
+
+* ``_CHOICES``: fields whose value must come from a known set (SDE, model, predictor, corrector, sampler,
+  ODE solver, dataset). The sets of models, predictors and correctors are read from their registries, so
+  a newly registered one is accepted without editing this file.
+* ``_MULTIPLES``: integer fields that must be a multiple of another quantity (image size of the U-Net's
+  down-sampling factor, batch sizes of the device count, frequencies of ``training.n_jitted_steps``).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Sequence
+
+import jax
+
+_MISSING = object()
+
+MODES = ('train', 'eval')
+"""Modes of ``main.py --mode``."""
+
+DATASETS = ('CIFAR10', 'SVHN', 'CELEBA', 'LSUN', 'FFHQ', 'CelebAHQ', 'DIGITS', 'FASHION_MNIST')
+"""Values accepted for ``config.data.dataset`` (exact spelling, as ``score_sde.datasets`` compares them)."""
+
+
+def _lookup(config, path: str) -> Any:
+    """The value at dotted ``path`` (e.g. ``'training.sde'``), or ``_MISSING`` if a part is absent."""
+    node = config
+    for part in path.split('.'):
+        try:
+            node = node[part]
+        except (KeyError, TypeError, AttributeError):
+            return _MISSING
+    return node
+
+
+def _sdes() -> Sequence[str]:
+    return ('vpsde', 'subvpsde', 'vesde')
+
+
+def _models() -> Sequence[str]:
+    from models import utils as model_utils  # lazy: imports every architecture
+
+    return model_utils.registered_models()
+
+
+def _predictors() -> Sequence[str]:
+    import sampling  # lazy: pulls in models and JAX code
+
+    return sampling.registered_predictors()
+
+
+def _correctors() -> Sequence[str]:
+    import sampling
+
+    return sampling.registered_correctors()
+
+
+@dataclasses.dataclass(frozen=True)
+class _Choice:
+    """``field`` must be one of ``allowed()``; ``fold`` maps the value before the comparison."""
+
+    field: str
+    allowed: Callable[[], Sequence[str]]
+    fold: Callable[[str], str] = str
+    required: bool = True
+
+
+_CHOICES: tuple[_Choice, ...] = (
+    # sde_lib.get_sde compares case-insensitively; so does the sampler choice in sampling.get_sampling_fn.
+    _Choice('training.sde', _sdes, fold=str.lower),
+    _Choice('model.name', _models),
+    _Choice('sampling.method', lambda: ('pc', 'ode'), fold=str.lower),
+    _Choice('sampling.predictor', _predictors),
+    _Choice('sampling.corrector', _correctors),
+    _Choice('sampling.ode_solver', lambda: ('jax', 'scipy'), required=False),
+    _Choice('data.dataset', lambda: DATASETS),
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Multiple:
+    """Integer ``field`` must be a multiple of ``divisor(config)``.
+
+    ``divisor`` returns ``None`` when the rule does not apply to this config, and ``explain`` says
+    where the divisor comes from. ``modes`` lists the ``--mode`` values the rule matters for.
+    """
+
+    field: str
+    divisor: Callable[[Any], int | None]
+    explain: str
+    modes: tuple[str, ...] = MODES
+
+
+def _downsampling_factor(config) -> int | None:
+    ch_mult = _lookup(config, 'model.ch_mult')
+    if ch_mult is _MISSING or ch_mult is None:
+        return None  # NCSN/NCSNv2 have no ch_mult; their resolution rule is their own
+    return 2 ** (len(ch_mult) - 1)
+
+
+def _jitted_steps(config) -> int | None:
+    n = _lookup(config, 'training.n_jitted_steps')
+    return None if n is _MISSING else n
+
+
+def _device_count(config) -> int:
+    del config
+    return jax.device_count()
+
+
+_MULTIPLES: tuple[_Multiple, ...] = (
+    _Multiple('data.image_size', _downsampling_factor,
+              '2**(len(model.ch_mult) - 1), the U-Net halves the image len(model.ch_mult) - 1 times'),
+    _Multiple('training.batch_size', _device_count, 'jax.device_count(), the batch is split over the devices'),
+    _Multiple('eval.batch_size', _device_count, 'jax.device_count(), the batch is split over the devices',
+              modes=('eval',)),
+    *(_Multiple(f'training.{freq}', _jitted_steps,
+                'training.n_jitted_steps, the step counter advances that many steps per call', modes=('train',))
+      for freq in ('log_freq', 'eval_freq', 'snapshot_freq', 'snapshot_freq_for_preemption')),
+)
+
+
+def _check_choice(config, rule: _Choice) -> str | None:
+    value = _lookup(config, rule.field)
+    if value is _MISSING:
+        if not rule.required:
+            return None
+        return f'config.{rule.field} is missing; allowed values: {", ".join(map(repr, rule.allowed()))}'
+    allowed = list(rule.allowed())
+    if isinstance(value, str) and rule.fold(value) in {rule.fold(a) for a in allowed}:
+        return None
+    return f'config.{rule.field}={value!r} is not allowed; allowed values: {", ".join(map(repr, allowed))}'
+
+
+def _check_multiple(config, rule: _Multiple) -> str | None:
+    value = _lookup(config, rule.field)
+    divisor = rule.divisor(config)
+    if divisor is None:
+        return None
+    if value is _MISSING:
+        return f'config.{rule.field} is missing; allowed values: positive multiples of {divisor} ({rule.explain})'
+    if isinstance(value, int) and value > 0 and divisor > 0 and value % divisor == 0:
+        return None
+    return (f'config.{rule.field}={value!r} is not a multiple of {divisor}; allowed values: positive multiples '
+            f'of {divisor} ({rule.explain})')
+
+
+def validate_config(config, mode: str = 'train') -> None:
+    """Check ``config`` for ``main.py --mode=mode``; raise ``ValueError`` listing every problem found.
+
+    Args:
+      config: an ``ml_collections.ConfigDict`` as returned by a ``configs/**.py`` ``get_config()``.
+      mode: ``'train'`` or ``'eval'``; some checks apply to one mode only (``eval.batch_size`` to eval,
+        the ``training.*_freq`` / ``n_jitted_steps`` rule to train).
+
+    Raises:
+      ValueError: one line per problem: the field, its value and the allowed values.
+    """
+    if mode not in MODES:
+        raise ValueError(f'mode={mode!r} is not allowed; allowed values: {", ".join(map(repr, MODES))}')
+    problems = [_check_choice(config, rule) for rule in _CHOICES]
+    problems += [_check_multiple(config, rule) for rule in _MULTIPLES if mode in rule.modes]
+    problems = [p for p in problems if p is not None]
+    if problems:
+        raise ValueError('Invalid config (fix these fields, e.g. with --config.<field>=<value>):\n'
+                         + '\n'.join(f'  {p}' for p in problems))
