@@ -82,6 +82,8 @@ def test_ncsn_v1_num_classes_follows_num_scales(path):
     assert config.model.num_classes == config.model.num_scales
     config.model.num_scales = 7  # a --config.model.num_scales override carries over
     assert config.model.num_classes == 7
+    config.model.num_classes = 9  # and the other way round: they cannot disagree
+    assert config.model.num_scales == 9
 
 
 @pytest.mark.parametrize('short, long', [('vp/cifar10.py', 'vp/cifar10_ddpmpp_continuous.py'),

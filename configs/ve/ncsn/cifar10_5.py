@@ -28,7 +28,8 @@ def get_config():
     model.sigma_max = 1
     model.num_scales = 10
     # NCSN (v1) is a class-conditional network with one class per noise level. The original configs
-    # never set this field (a bug); here it is a reference, so it follows --config.model.num_scales.
+    # never set this field (a bug). Here it is a reference to num_scales: the two stay equal whichever
+    # is overridden on the command line.
     model.num_classes = model.get_ref('num_scales')
     model.ema_rate = 0.999
     model.normalization = 'InstanceNorm++'
