@@ -1,0 +1,506 @@
+"""Training and evaluation data as ``tf.data`` pipelines, the way the original fed its ``pmap``.
+
+Every dataset yields dicts ``{'image': float32, 'label': int64 or None}`` batched as
+``(local_devices, [additional_dim,] per_device_batch, H, W, C)`` with pixels in ``[0, 1]``
+(``get_data_scaler`` maps them to ``[-1, 1]`` when ``config.data.centered``).
+
+Datasets (``config.data.dataset``):
+
+- ``CIFAR10``, ``SVHN``, ``CELEBA``, ``LSUN`` (``config.data.category``): tensorflow-datasets,
+  with the original's crops and resizes. ``config.data.data_dir`` (optional) is the tfds data
+  directory. An unprepared dataset is prepared from ``<data_dir>/downloads/manual/`` when the
+  files tfds would download are there, downloaded when their host answers, and otherwise stops
+  at once with a message saying how to provide it (tfds itself would retry for minutes).
+  CIFAR-10 can also be read straight from ``cifar-10-binary.tar.gz`` by :func:`read_cifar10_binary`
+  (``data_dir`` set to the tarball, or the tarball placed directly in ``data_dir``).
+- ``FFHQ``, ``CelebAHQ``: TFRecords of ``{'shape': [C, H, W], 'data': raw uint8}`` at
+  ``config.data.tfrecords_path`` (file or glob), as the original.
+- ``DIGITS``: the UCI handwritten digits embedded in this package (``score_sde/data``, see its
+  README): 1,797 images 8x8x1; the first 1,500 train, the last 297 evaluate.
+- ``FASHION_MNIST``: the gzipped IDX files of Fashion-MNIST (28x28x1; 60,000 train, 10,000 test)
+  in ``config.data.data_dir`` or, by default, where Debian's ``dataset-fashion-mnist`` puts them.
+"""
+from __future__ import annotations
+
+import dataclasses
+import gzip
+import importlib.resources
+import importlib.util
+import os
+import pathlib
+import socket
+import tarfile
+import threading
+import urllib.parse
+from typing import Any, Callable, Iterable
+
+import numpy as np
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from score_sde import parallel
+
+FASHION_MNIST_DEFAULT_DIR = "/usr/share/datasets/fashion-mnist"
+CIFAR10_BINARY_TARBALL = "cifar-10-binary.tar.gz"
+DIGITS_NUM_EVAL = 297
+SHUFFLE_BUFFER_SIZE = 10000
+_NETWORK_TIMEOUT_S = 3.0
+
+# config.data.dataset -> (tfds name, train split, eval split); LSUN's name gets the category.
+_TFDS_DATASETS = {
+    "CIFAR10": ("cifar10", "train", "test"),
+    "SVHN": ("svhn_cropped", "train", "test"),
+    "CELEBA": ("celeb_a", "train", "validation"),
+    "LSUN": ("lsun/{category}", "train", "validation"),
+}
+
+
+class DatasetUnavailableError(RuntimeError):
+    """The requested data is not on this machine and cannot be downloaded; the message says how to provide it."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Scalers
+# ----------------------------------------------------------------------------------------------
+
+def get_data_scaler(config) -> Callable[[Any], Any]:
+    """Map data in ``[0, 1]`` to the model's range: ``[-1, 1]`` when ``config.data.centered``, else unchanged."""
+    if config.data.centered:
+        return lambda x: x * 2.0 - 1.0
+    return lambda x: x
+
+
+def get_data_inverse_scaler(config) -> Callable[[Any], Any]:
+    """Inverse of :func:`get_data_scaler`: model range back to ``[0, 1]``."""
+    if config.data.centered:
+        return lambda x: (x + 1.0) / 2.0
+    return lambda x: x
+
+
+# ----------------------------------------------------------------------------------------------
+# Image operations (HWC tensors; dynamic shapes allowed)
+# ----------------------------------------------------------------------------------------------
+
+def central_crop(image: tf.Tensor, size: int) -> tf.Tensor:
+    """The central ``size x size`` window of an ``(H, W, C)`` image (top/left offsets rounded down)."""
+    shape = tf.shape(image)
+    top = (shape[0] - size) // 2
+    left = (shape[1] - size) // 2
+    return tf.image.crop_to_bounding_box(image, top, left, size, size)
+
+
+def resize_small(image: tf.Tensor, resolution: int) -> tf.Tensor:
+    """Resize (bilinear, antialiased) so that the shorter side is ``resolution``, keeping the aspect ratio.
+
+    The longer side becomes ``round(side * resolution / min(H, W))`` (half to even).
+    """
+    shape = tf.cast(tf.shape(image)[:2], tf.float32)
+    ratio = resolution / tf.reduce_min(shape)
+    new_size = tf.cast(tf.round(shape * ratio), tf.int32)
+    return tf.image.resize(image, new_size, antialias=True)
+
+
+def crop_resize(image: tf.Tensor, resolution: int) -> tf.Tensor:
+    """Central square crop of a uint8 image, bicubic (antialiased) resize to ``resolution``, back to uint8.
+
+    Values are clipped to ``[0, 255]`` before the (truncating) cast, so bicubic overshoot saturates.
+    """
+    shape = tf.shape(image)
+    crop = tf.minimum(shape[0], shape[1])
+    image = central_crop(image, crop)
+    image = tf.image.resize(image, (resolution, resolution), method=tf.image.ResizeMethod.BICUBIC, antialias=True)
+    return tf.cast(tf.clip_by_value(image, 0.0, 255.0), tf.uint8)
+
+
+def _to_float_resized(image: tf.Tensor, resolution: int) -> tf.Tensor:
+    """uint8 image to float32 in ``[0, 1]``, resized (bilinear, antialiased) to ``resolution`` if it differs."""
+    image = tf.image.convert_image_dtype(image, tf.float32)
+    if image.shape[0] == resolution and image.shape[1] == resolution:
+        return image
+    return tf.image.resize(image, (resolution, resolution), antialias=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# Readers of our own (no pickle anywhere)
+# ----------------------------------------------------------------------------------------------
+
+_IDX_DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+
+
+def read_idx(path: str | os.PathLike) -> np.ndarray:
+    """Read an IDX file (the MNIST / Fashion-MNIST format), gzipped when the name ends in ``.gz``.
+
+    Layout: two zero bytes, a type code (0x08 uint8, 0x09 int8, 0x0B int16, 0x0C int32,
+    0x0D float32, 0x0E float64), the number of dimensions, each dimension as a big-endian
+    uint32, then the values big-endian in row-major order. Returns an array of that shape
+    in native byte order.
+    """
+    path = pathlib.Path(path)
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as f:
+        data = f.read()
+    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] not in _IDX_DTYPES:
+        raise ValueError(f"{path} is not an IDX file (header {data[:4]!r}).")
+    dtype = np.dtype(_IDX_DTYPES[data[2]])
+    ndim = data[3]
+    header = 4 + 4 * ndim
+    shape = tuple(int(d) for d in np.frombuffer(data, dtype=">u4", count=ndim, offset=4))
+    expected = header + int(np.prod(shape)) * dtype.itemsize
+    if len(data) != expected:
+        raise ValueError(f"{path}: IDX header says shape {shape} of {dtype} ({expected} bytes in all), "
+                         f"but the file has {len(data)} bytes; the file is truncated or corrupt.")
+    values = np.frombuffer(data, dtype=dtype, offset=header).reshape(shape)
+    return values.astype(dtype.newbyteorder("="))
+
+
+_CIFAR10_RECORD = 1 + 32 * 32 * 3
+_CIFAR10_MEMBERS = {"train": [f"data_batch_{i}.bin" for i in range(1, 6)], "test": ["test_batch.bin"]}
+
+
+def read_cifar10_binary(path: str | os.PathLike) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Read ``cifar-10-binary.tar.gz`` (the *binary* version; never the pickled python one).
+
+    Each record is one label byte followed by 3,072 pixel bytes: the 32x32 red plane, then
+    green, then blue, each row-major. Returns ``{'train': (images, labels), 'test': ...}``
+    with images ``(N, 32, 32, 3)`` uint8 and labels ``(N,)`` int64, in file order
+    (``data_batch_1..5.bin`` for train, ``test_batch.bin`` for test).
+    """
+    wanted = {name for names in _CIFAR10_MEMBERS.values() for name in names}
+    contents: dict[str, bytes] = {}
+    with tarfile.open(path, "r:gz") as tar:
+        for member in tar:
+            name = os.path.basename(member.name)
+            if member.isfile() and name in wanted:
+                contents[name] = tar.extractfile(member).read()
+    missing = sorted(wanted - contents.keys())
+    if missing:
+        raise ValueError(f"{path} lacks {missing}; expected the CIFAR-10 binary version "
+                         f"({CIFAR10_BINARY_TARBALL}, folder cifar-10-batches-bin/).")
+    splits = {}
+    for split, names in _CIFAR10_MEMBERS.items():
+        raw = b"".join(contents[name] for name in names)
+        if len(raw) % _CIFAR10_RECORD:
+            raise ValueError(f"{path}: {split} files hold {len(raw)} bytes, not a whole number of "
+                             f"{_CIFAR10_RECORD}-byte records; the tarball is corrupt.")
+        records = np.frombuffer(raw, dtype=np.uint8).reshape(-1, _CIFAR10_RECORD)
+        images = records[:, 1:].reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+        splits[split] = (np.ascontiguousarray(images), records[:, 0].astype(np.int64))
+    return splits
+
+
+def load_digits() -> tuple[np.ndarray, np.ndarray]:
+    """The embedded UCI handwritten digits: images ``(1797, 8, 8, 1)`` uint8 in 0..255, labels ``(1797,)`` int64.
+
+    Pixel values are the original counts 0..16 stored as ``floor(v * 255 / 16 + 0.5)``
+    (see ``score_sde/data/README.md``).
+    """
+    with importlib.resources.files("score_sde").joinpath("data", "digits.npz").open("rb") as f:
+        with np.load(f, allow_pickle=False) as arrays:
+            images, labels = arrays["images"], arrays["labels"]
+    return images[..., None], labels.astype(np.int64)
+
+
+def load_fashion_mnist(data_dir: str | os.PathLike | None = None) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Fashion-MNIST from its IDX files: ``{'train': (60000, 28, 28, 1) uint8 + labels, 'test': 10000}``.
+
+    Looks in ``data_dir`` (default :data:`FASHION_MNIST_DEFAULT_DIR`) for
+    ``{train,t10k}-{images-idx3,labels-idx1}-ubyte`` with or without ``.gz``.
+    """
+    folder = pathlib.Path(data_dir or FASHION_MNIST_DEFAULT_DIR)
+    splits = {}
+    for split, prefix in (("train", "train"), ("test", "t10k")):
+        arrays = []
+        for kind in ("images-idx3", "labels-idx1"):
+            candidates = [folder / f"{prefix}-{kind}-ubyte.gz", folder / f"{prefix}-{kind}-ubyte"]
+            found = next((c for c in candidates if c.is_file()), None)
+            if found is None:
+                raise DatasetUnavailableError(
+                    f"Fashion-MNIST: {candidates[0].name} not found in {folder}. On Debian/Ubuntu run "
+                    f"`sudo apt-get install dataset-fashion-mnist` (files land in {FASHION_MNIST_DEFAULT_DIR}), "
+                    "or download the four *-ubyte.gz files from "
+                    "https://github.com/zalandoresearch/fashion-mnist and set config.data.data_dir to their folder.")
+            arrays.append(read_idx(found))
+        images, labels = arrays
+        if images.ndim != 3 or labels.shape != images.shape[:1]:
+            raise ValueError(f"Fashion-MNIST in {folder}: {split} images {images.shape} and labels "
+                             f"{labels.shape} do not match.")
+        splits[split] = (images[..., None].astype(np.uint8), labels.astype(np.int64))
+    return splits
+
+
+@dataclasses.dataclass(frozen=True)
+class ArraySource:
+    """An in-memory dataset (what :func:`get_dataset` returns as ``dataset_builder`` for non-tfds data).
+
+    ``splits`` maps a split name to ``(images (N, H, W, C) uint8, labels (N,) int64)``.
+    """
+
+    name: str
+    splits: dict[str, tuple[np.ndarray, np.ndarray]]
+
+    def num_examples(self, split: str) -> int:
+        return len(self.splits[split][1])
+
+    def as_dataset(self, split: str) -> tf.data.Dataset:
+        """Unbatched examples ``{'image': uint8 (H, W, C), 'label': int64}`` in stored order."""
+        images, labels = self.splits[split]
+        return tf.data.Dataset.from_tensor_slices({"image": images, "label": labels})
+
+
+# ----------------------------------------------------------------------------------------------
+# tensorflow-datasets: availability checked before anything can hang
+# ----------------------------------------------------------------------------------------------
+
+def _host_reachable(host: str, port: int, timeout: float = _NETWORK_TIMEOUT_S) -> bool:
+    """Whether a TCP connection to ``host:port`` opens within ``timeout`` seconds (DNS lookup included)."""
+    result: list[bool] = []
+
+    def attempt() -> None:
+        try:
+            with socket.create_connection((host, port), timeout=timeout):
+                result.append(True)
+        except OSError:
+            result.append(False)
+
+    thread = threading.Thread(target=attempt, daemon=True)
+    thread.start()
+    thread.join(timeout + 0.5)  # a hanging resolver cannot hold us longer than this
+    return bool(result and result[0])
+
+
+def _can_download(urls: Iterable[str]) -> bool:
+    """Whether the first download host (or the configured HTTP(S) proxy) answers within a few seconds."""
+    urls = list(urls)
+    if not urls:
+        return False
+    parsed = urllib.parse.urlparse(urls[0])
+    proxy = (os.environ.get(f"{parsed.scheme}_proxy") or os.environ.get(f"{parsed.scheme.upper()}_PROXY")
+             or os.environ.get("all_proxy") or os.environ.get("ALL_PROXY"))
+    if proxy:
+        parsed = urllib.parse.urlparse(proxy if "://" in proxy else f"http://{proxy}")
+    port = parsed.port or (443 if parsed.scheme == "https" else 80)
+    return parsed.hostname is not None and _host_reachable(parsed.hostname, port)
+
+
+def _needed_downloads(builder: tfds.core.DatasetBuilder, category: str | None) -> dict[str, str]:
+    """URL -> file name of what tfds downloads for this builder (LSUN: only the category's files)."""
+    infos = builder.url_infos or {}
+    files = {url: info.filename or os.path.basename(urllib.parse.urlparse(url).path) for url, info in infos.items()}
+    if category is not None:
+        files = {url: name for url, name in files.items()
+                 if name.startswith(f"{category}_") or name == f"{category}.zip"}
+    return files
+
+
+def _check_importlib_resources() -> None:
+    if importlib.util.find_spec("importlib_resources") is None:
+        raise RuntimeError("tensorflow-datasets 4.9.10 cannot prepare a dataset without the `importlib_resources` "
+                           "package (upstream bug): `pip install -r requirements.txt` installs it.")
+
+
+def _unavailable_message(dataset: str, name: str, builder: tfds.core.DatasetBuilder, manual_dir: pathlib.Path,
+                         files: dict[str, str]) -> str:
+    present = {p.name for p in manual_dir.iterdir()} if manual_dir.is_dir() else set()
+    missing = [name for name in files.values() if name not in present]
+    root = builder.data_dir_root
+    lines = [
+        f"Dataset {dataset} (tfds '{name}') is not prepared in {builder.data_dir}, and its download "
+        f"host does not answer (no network?). Stopping before training; provide the data in one of these ways:",
+        f"  1. On a machine with network: `python -c \"import tensorflow_datasets as tfds; "
+        f"tfds.builder('{name}', data_dir='DIR').download_and_prepare()\"`, then copy "
+        f"DIR/{name.split('/')[0]} into {root}/ (the tfds data_dir here; set config.data.data_dir to change it).",
+        f"  2. Put the files tfds downloads into {manual_dir}/ (they are prepared offline, checksums verified); "
+        f"missing now: {', '.join(missing) if missing else '(none)'}"
+        + (f"  [from {', '.join(url for url, name in files.items() if name in missing)}]" if missing else ""),
+    ]
+    if dataset == "CIFAR10":
+        lines.append(
+            f"  3. CIFAR-10 only: put {CIFAR10_BINARY_TARBALL} (the *binary* version from "
+            f"https://www.cs.toronto.edu/~kriz/cifar.html; the python version is pickle-based and not read) "
+            f"directly in {root}/, or set config.data.data_dir to the tarball itself; score_sde's own reader "
+            "then loads it without preparing anything.")
+    return "\n".join(lines)
+
+
+def _tfds_source(dataset: str, name: str, data_dir: str | None, category: str | None) -> Any:
+    """A source ready to read, tried in this order: the tfds dataset prepared in ``data_dir``; prepared now
+    from the files in ``<data_dir>/downloads/manual/``; (CIFAR-10) ``cifar-10-binary.tar.gz`` read by our
+    own reader when ``data_dir`` is that file or holds it; downloaded when its host answers.
+
+    Raises :class:`DatasetUnavailableError` at once when none of these is possible (an unprepared
+    ``tfds.load`` offline would retry for minutes first).
+    """
+    if dataset == "CIFAR10" and data_dir is not None and pathlib.Path(data_dir).expanduser().is_file():
+        return ArraySource("cifar10", read_cifar10_binary(pathlib.Path(data_dir).expanduser()))
+    try:
+        builder = tfds.builder(name, data_dir=data_dir)
+    except tfds.core.registered.DatasetNotFoundError as err:
+        hint = " (check config.data.category)" if category is not None else ""
+        raise ValueError(f"tensorflow-datasets has no dataset '{name}'{hint}.") from err
+    if builder.is_prepared():
+        return builder
+    files = _needed_downloads(builder, category)
+    manual_dir = pathlib.Path(builder.data_dir_root) / "downloads" / "manual"
+    if files and all((manual_dir / fname).is_file() for fname in files.values()):
+        _check_importlib_resources()
+        builder.download_and_prepare(
+            download_config=tfds.download.DownloadConfig(manual_dir=os.fspath(manual_dir), try_download_gcs=False))
+        return builder
+    tarball = pathlib.Path(builder.data_dir_root) / CIFAR10_BINARY_TARBALL
+    if dataset == "CIFAR10" and tarball.is_file():
+        return ArraySource("cifar10", read_cifar10_binary(tarball))
+    if _can_download(files):
+        _check_importlib_resources()
+        builder.download_and_prepare()
+        return builder
+    raise DatasetUnavailableError(_unavailable_message(dataset, name, builder, manual_dir, files))
+
+
+# ----------------------------------------------------------------------------------------------
+# The pipeline
+# ----------------------------------------------------------------------------------------------
+
+def _dataset_options() -> tf.data.Options:
+    options = tf.data.Options()
+    options.experimental_optimization.map_parallelization = True
+    options.threading.max_intra_op_parallelism = 1
+    return options
+
+
+def get_dataset(config, additional_dim: int | None = None, uniform_dequantization: bool = False,
+                evaluation: bool = False):
+    """Create the training and evaluation pipelines.
+
+    Args:
+      config: ml_collections config; uses ``config.data.{dataset, image_size, random_flip, category,
+        tfrecords_path, data_dir}``, ``config.training.batch_size`` and ``config.eval.batch_size``.
+      additional_dim: if given, an extra batch axis of this size after the device axis (the number of
+        train steps fused into one jitted call).
+      uniform_dequantization: add uniform noise: ``x -> (255 x + U[0, 1)) / 256``.
+      evaluation: use ``config.eval.batch_size``, one epoch, no random flips.
+
+    Returns:
+      ``(train_ds, eval_ds, dataset_builder)``: two ``tf.data.Dataset`` of dicts ``{'image', 'label'}``,
+      images float32 ``(local_devices, [additional_dim,] batch_size // device_count, H, W, C)`` in
+      ``[0, 1]``; ``dataset_builder`` is the tfds builder, the ``TFRecordDataset`` (FFHQ/CelebAHQ) or an
+      :class:`ArraySource`.
+    """
+    batch_size = config.eval.batch_size if evaluation else config.training.batch_size
+    n_devices = parallel.device_count()
+    if batch_size % n_devices != 0:
+        field = "config.eval.batch_size" if evaluation else "config.training.batch_size"
+        raise ValueError(f"{field} = {batch_size} is not divisible by the number of devices ({n_devices}); "
+                         f"use a multiple of {n_devices}.")
+    per_device_batch_size = batch_size // n_devices
+    batch_dims = [parallel.local_device_count()]
+    if additional_dim is not None:
+        batch_dims.append(additional_dim)
+    batch_dims.append(per_device_batch_size)
+    num_epochs = 1 if evaluation else None
+    resolution = config.data.image_size
+    dataset = config.data.dataset
+    data_dir = config.data.get("data_dir", None)
+
+    def finish(img: tf.Tensor) -> tf.Tensor:
+        """Random flip (training only) and uniform dequantization of a float image in [0, 1]."""
+        if config.data.random_flip and not evaluation:
+            img = tf.image.random_flip_left_right(img)
+        if uniform_dequantization:
+            img = (tf.random.uniform(tf.shape(img), dtype=tf.float32) + img * 255.0) / 256.0
+        return img
+
+    source: Any
+    if dataset in ("FFHQ", "CelebAHQ"):
+        files = tf.io.gfile.glob(config.data.tfrecords_path)
+        if not files:
+            raise DatasetUnavailableError(f"{dataset}: no TFRecord file matches config.data.tfrecords_path = "
+                                          f"{config.data.tfrecords_path!r}.")
+        source = tf.data.TFRecordDataset(files)
+
+        def preprocess_fn(record):
+            example = tf.io.parse_single_example(record, features={
+                "shape": tf.io.FixedLenFeature([3], tf.int64),
+                "data": tf.io.FixedLenFeature([], tf.string)})
+            data = tf.reshape(tf.io.decode_raw(example["data"], tf.uint8), example["shape"])
+            img = tf.image.convert_image_dtype(tf.transpose(data, (1, 2, 0)), tf.float32)
+            return {"image": finish(img), "label": None}
+
+        train_split = eval_split = None
+
+        def splits() -> tuple[tf.data.Dataset, tf.data.Dataset]:
+            return source, source
+
+    else:
+        if dataset in _TFDS_DATASETS:
+            name, train_split, eval_split = _TFDS_DATASETS[dataset]
+            category = config.data.category if dataset == "LSUN" else None
+            name = name.format(category=category)
+            source = _tfds_source(dataset, name, data_dir, category)
+        elif dataset == "DIGITS":
+            images, labels = load_digits()
+            n_train = len(labels) - DIGITS_NUM_EVAL
+            source = ArraySource("digits", {"train": (images[:n_train], labels[:n_train]),
+                                            "test": (images[n_train:], labels[n_train:])})
+            train_split, eval_split = "train", "test"
+        elif dataset == "FASHION_MNIST":
+            source = ArraySource("fashion_mnist", load_fashion_mnist(data_dir))
+            train_split, eval_split = "train", "test"
+        else:
+            raise NotImplementedError(f"Dataset {dataset} not yet supported (config.data.dataset); choose one of "
+                                      f"{sorted(_TFDS_DATASETS) + ['FFHQ', 'CelebAHQ', 'DIGITS', 'FASHION_MNIST']}.")
+
+        if dataset == "CELEBA":
+            def resize_op(img):
+                img = tf.image.convert_image_dtype(img, tf.float32)
+                return resize_small(central_crop(img, 140), resolution)
+        elif dataset == "LSUN" and resolution == 128:
+            def resize_op(img):
+                img = tf.image.convert_image_dtype(img, tf.float32)
+                return central_crop(resize_small(img, resolution), resolution)
+        elif dataset == "LSUN":
+            def resize_op(img):
+                return tf.image.convert_image_dtype(crop_resize(img, resolution), tf.float32)
+        else:
+            def resize_op(img):
+                return _to_float_resized(img, resolution)
+
+        def preprocess_fn(example):
+            img = tf.ensure_shape(resize_op(example["image"]), (resolution, resolution, None))
+            return {"image": finish(img), "label": example.get("label", None)}
+
+        eval_count = _split_size(source, eval_split)
+        examples_per_batch = int(np.prod(batch_dims))
+        if evaluation and eval_count is not None and eval_count < examples_per_batch:
+            raise ValueError(f"{dataset} split '{eval_split}' has {eval_count} examples, fewer than one evaluation "
+                             f"batch ({examples_per_batch} on this host); lower config.eval.batch_size.")
+
+        def splits() -> tuple[tf.data.Dataset, tf.data.Dataset]:
+            if isinstance(source, ArraySource):
+                return source.as_dataset(train_split), source.as_dataset(eval_split)
+            read_config = tfds.ReadConfig(options=_dataset_options())
+            return tuple(source.as_dataset(split=s, shuffle_files=True, read_config=read_config)
+                         for s in (train_split, eval_split))
+
+    def create_dataset(ds: tf.data.Dataset, split: str | None) -> tf.data.Dataset:
+        # A buffer larger than the split would only hold repeats of it (and take long to fill).
+        size = _split_size(source, split) if split is not None else None
+        ds = ds.with_options(_dataset_options())
+        ds = ds.repeat(count=num_epochs)
+        ds = ds.shuffle(min(SHUFFLE_BUFFER_SIZE, size or SHUFFLE_BUFFER_SIZE))
+        ds = ds.map(preprocess_fn, num_parallel_calls=tf.data.AUTOTUNE)
+        for size in reversed(batch_dims):
+            ds = ds.batch(size, drop_remainder=True)
+        return ds.prefetch(tf.data.AUTOTUNE)
+
+    train_raw, eval_raw = splits()
+    return create_dataset(train_raw, train_split), create_dataset(eval_raw, eval_split), source
+
+
+def _split_size(source: Any, split: str) -> int | None:
+    """Number of examples in a split, or None where unknown (TFRecords, mocked tfds metadata)."""
+    if isinstance(source, ArraySource):
+        return source.num_examples(split)
+    try:
+        return source.info.splits[split].num_examples or None
+    except (AttributeError, KeyError):
+        return None
