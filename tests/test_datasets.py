@@ -455,3 +455,17 @@ def test_fashion_mnist_debian_package():
     for images, labels in splits.values():
         np.testing.assert_array_equal(np.bincount(labels), np.full(10, len(labels) // 10))
         assert images.max() == 255 and images.min() == 0
+
+
+def test_missing_importlib_resources_is_named(tmp_path, monkeypatch):
+    """tfds 4.9.10 cannot prepare anything without importlib_resources: say so before it fails obscurely."""
+    manual = tmp_path / "downloads" / "manual"
+    manual.mkdir(parents=True)
+    (manual / datasets.CIFAR10_BINARY_TARBALL).write_bytes(b"never read")
+    real_find_spec = datasets.importlib.util.find_spec
+    monkeypatch.setattr(datasets.importlib.util, "find_spec",
+                        lambda name, *a: None if name == "importlib_resources" else real_find_spec(name, *a))
+    with mock.patch.object(tfds.download.DownloadManager, "download_and_extract",
+                           side_effect=AssertionError("must stop before preparing")):
+        with pytest.raises(RuntimeError, match="importlib_resources.*requirements.txt"):
+            datasets.get_dataset(make_config("CIFAR10", 32, data_dir=str(tmp_path)))
