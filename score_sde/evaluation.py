@@ -445,3 +445,149 @@ def _format(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.6g}"
     return str(value)
+
+
+# ----------------------------------------------------------------------------------------
+# The evaluation job's bookkeeping (used by run_lib.evaluate / run_lib.fid_stats)
+# ----------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class EvalMeta:
+    """Where a (possibly interrupted) evaluation stands, written after every round.
+
+    Attributes:
+        ckpt_id: the checkpoint being evaluated.
+        loss_done: the eval-set loss of ``ckpt_id`` is written.
+        bpd_rounds_done: bits/dim rounds written for ``ckpt_id``.
+        sampling_rounds_done: sampling rounds written for ``ckpt_id`` (this host).
+        metrics_done: IS / FID / KID of ``ckpt_id`` are written.
+        rng: the raw PRNG key data (uint32 list) to continue with.
+    """
+
+    ckpt_id: int
+    rng: list
+    loss_done: bool = False
+    bpd_rounds_done: int = 0
+    sampling_rounds_done: int = 0
+    metrics_done: bool = False
+
+
+def eval_meta_path(eval_dir: str, host: int) -> str:
+    return os.path.join(eval_dir, f"meta_{host}.json")
+
+
+def save_eval_meta(eval_dir: str, host: int, meta: EvalMeta) -> None:
+    """Write the meta atomically (temporary file, fsync, rename)."""
+    path = eval_meta_path(eval_dir, host)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as fout:
+        json.dump(dataclasses.asdict(meta), fout)
+        fout.flush()
+        os.fsync(fout.fileno())
+    os.replace(tmp, path)
+
+
+def load_eval_meta(eval_dir: str, host: int) -> EvalMeta | None:
+    """The saved meta of ``host``, or None when no evaluation was interrupted."""
+    path = eval_meta_path(eval_dir, host)
+    if not os.path.exists(path):
+        return None
+    with open(path) as fin:
+        return EvalMeta(**json.load(fin))
+
+
+def key_to_list(key) -> list:
+    """Raw uint32 data of a JAX PRNG key (raw or typed) as a JSON-friendly list."""
+    import jax
+
+    data = jax.random.key_data(key) if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key) else key
+    return [int(v) for v in np.asarray(data, np.uint32).reshape(-1)]
+
+
+def write_npz(path: str, *args, **kwargs) -> None:
+    """``np.savez_compressed`` to ``path`` atomically (readers never see a partial file)."""
+    import tensorflow as tf
+
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, *args, **kwargs)
+    tmp = path + ".tmp"
+    with tf.io.gfile.GFile(tmp, "wb") as fout:
+        fout.write(buffer.getvalue())
+    tf.io.gfile.rename(tmp, path, overwrite=True)
+
+
+def read_npz(path: str) -> dict:
+    import tensorflow as tf
+
+    with tf.io.gfile.GFile(path, "rb") as fin:
+        with np.load(io.BytesIO(fin.read()), allow_pickle=False) as data:
+            return {key: data[key] for key in data.files}
+
+
+def collect_images(ds) -> np.ndarray:
+    """All images of a batched ``tf.data`` pipeline of ``{'image': (..., H, W, C)}`` as one ``(N, H, W, C)`` array.
+
+    Values in ``[0, 1]`` that are exact multiples of 1/255 (undequantised, unresized data)
+    come back as uint8 ``0..255``; anything else as float32 ``0..1``.
+    """
+    chunks = []
+    for batch in ds.as_numpy_iterator():
+        image = np.asarray(batch["image"])
+        chunks.append(image.reshape((-1,) + image.shape[-3:]))
+    if not chunks:
+        raise ValueError("The dataset yielded no images.")
+    images = np.concatenate(chunks, axis=0)
+    as_uint8 = np.round(images * 255.0)
+    if np.max(np.abs(as_uint8 / 255.0 - images)) < 1e-6:
+        return as_uint8.astype(np.uint8)
+    return images.astype(np.float32)
+
+
+def canonical_order(images: np.ndarray) -> np.ndarray:
+    """Sort images by a hash of their bytes: the same order however the pipeline shuffled them.
+
+    Evaluation then sees the same batches in every run, so an interrupted evaluation resumes
+    exactly where it stopped and gives the numbers of an uninterrupted one.
+    """
+    import hashlib
+
+    digests = [hashlib.blake2b(np.ascontiguousarray(img).tobytes(), digest_size=16).digest() for img in images]
+    order = sorted(range(len(digests)), key=digests.__getitem__)
+    return images[np.asarray(order, dtype=np.int64)]
+
+
+def to_unit_float(images: np.ndarray) -> np.ndarray:
+    """uint8 ``0..255`` or float ``0..1`` images as float32 in ``[0, 1]``."""
+    if images.dtype == np.uint8:
+        return images.astype(np.float32) / 255.0
+    return images.astype(np.float32)
+
+
+def dequantize(images: np.ndarray, seed: tuple) -> np.ndarray:
+    """Uniform dequantisation ``(255 x + U[0, 1)) / 256`` with noise from ``numpy`` seeded by ``seed``."""
+    x = to_unit_float(images)
+    noise = np.random.default_rng(list(seed)).random(x.shape, dtype=np.float32)
+    return (noise + x * 255.0) / 256.0
+
+
+def summarize_checkpoint(eval_dir: str, ckpt: int, bpd_dataset: str, names: Mapping | None) -> dict:
+    """What the files of checkpoint ``ckpt`` in ``eval_dir`` say: loss, bits/dim, IS / FID / KID."""
+    import glob
+
+    row: dict = {}
+    loss_file = os.path.join(eval_dir, f"ckpt_{ckpt}_loss.npz")
+    if os.path.exists(loss_file):
+        row["eval loss"] = float(read_npz(loss_file)["mean_loss"])
+    bpd_files = glob.glob(os.path.join(eval_dir, f"{bpd_dataset}_ckpt_{ckpt}_bpd_*.npz"))
+    if bpd_files:
+        bpds = np.concatenate([read_npz(f)["arr_0"].reshape(-1) for f in sorted(bpd_files)])
+        row[f"bits/dim ({bpd_dataset})"] = float(bpds.mean())
+        row["bits/dim std. error"] = float(bpds.std(ddof=1) / np.sqrt(bpds.size)) if bpds.size > 1 else float("nan")
+        row["bits/dim evaluations"] = int(bpds.size)
+    report_file = os.path.join(eval_dir, f"report_{ckpt}.npz")
+    if os.path.exists(report_file) and names is not None:
+        report = read_npz(report_file)
+        for key in ("IS", "fid", "kid"):
+            value = float(report[key])
+            row[names[key]] = None if (key == "IS" and value < 0) else value
+    return row
