@@ -121,7 +121,7 @@ def write_samples(samples: np.ndarray, sample_dir: str, step: int) -> str:
 # Training
 # ---------------------------------------------------------------------------------------------
 
-def train(config, workdir: str) -> None:
+def train(config, workdir: str):
     """Train the score model of ``config``, resuming from ``workdir/checkpoints-meta`` if present.
 
     Every ``training.n_jitted_steps`` steps run as one pmapped ``lax.scan`` call. After a
@@ -130,6 +130,9 @@ def train(config, workdir: str) -> None:
     loss when ``s % eval_freq == 0``; a numbered checkpoint (and snapshot samples if
     ``training.snapshot_sampling``) when ``s % snapshot_freq == 0`` and at the end.
     Training ends at the first multiple of ``n_jitted_steps`` that reaches ``training.n_iters``.
+
+    Returns:
+        The final training State (this process's first replica, host arrays).
 
     Raises:
         TrainingDivergedError: the loss or the parameters became NaN/inf; nothing of that
@@ -144,14 +147,14 @@ def train(config, workdir: str) -> None:
         os.makedirs(d, exist_ok=True)
     log_handler = reporting.add_log_file(os.path.join(workdir, "stdout.txt")) if parallel.is_main_process() else None
     try:
-        _train(config, workdir, sample_dir, tb_dir, checkpoint_dir, checkpoint_meta_dir)
+        return _train(config, workdir, sample_dir, tb_dir, checkpoint_dir, checkpoint_meta_dir)
     finally:
         if log_handler is not None:
             logging.getLogger().removeHandler(log_handler)
             log_handler.close()
 
 
-def _train(config, workdir, sample_dir, tb_dir, checkpoint_dir, checkpoint_meta_dir) -> None:
+def _train(config, workdir, sample_dir, tb_dir, checkpoint_dir, checkpoint_meta_dir):
     save_config(config, workdir)
     is_main = parallel.is_main_process()
     writer = metric_writers.create_default_writer(tb_dir, just_logging=not is_main)
@@ -243,3 +246,319 @@ def _train(config, workdir, sample_dir, tb_dir, checkpoint_dir, checkpoint_meta_
     if is_main:
         logging.info("Training finished at step %d.", step)
     writer.close()
+    return jax.device_get(parallel.unreplicate(pstate))
+
+
+# ----------------------------------------------------------------------------------------------
+# Evaluation (--mode eval) and dataset statistics (--mode fid_stats)
+# ----------------------------------------------------------------------------------------------
+
+# Seconds between looks for a checkpoint that has not arrived yet (the original waited 60 s).
+CHECKPOINT_POLL_S = 60.0
+
+
+def _eval_images(config, split: str) -> np.ndarray:
+    """Every image of the ``'train'`` or ``'test'`` split of ``config.data``, undequantised, in canonical order.
+
+    Read once through ``datasets.get_dataset`` (so every dataset's preprocessing applies) with
+    one image per device, so no partial batch is dropped on a single device.
+    """
+    from score_sde import evaluation as evaluation_lib
+
+    one_per_device = config.copy_and_resolve_references() if hasattr(config, "copy_and_resolve_references") else config
+    one_per_device.eval.batch_size = parallel.device_count()
+    train_ds, eval_ds, _ = datasets.get_dataset(one_per_device, additional_dim=None, uniform_dequantization=False,
+                                                evaluation=True)
+    images = evaluation_lib.collect_images(train_ds if split == "train" else eval_ds)
+    return evaluation_lib.canonical_order(images)
+
+
+def _host_rows(global_batch: np.ndarray, per_device: int) -> np.ndarray:
+    """This host's part of a global batch, shaped ``(local_devices, per_device, ...)``."""
+    local = parallel.local_device_count()
+    start = parallel.process_index() * local * per_device
+    rows = global_batch[start:start + local * per_device]
+    return rows.reshape((local, per_device) + rows.shape[1:])
+
+
+def _wait_and_restore(checkpoint_dir: str, ckpt: int, template):
+    """Restore ``checkpoint_<ckpt>``, waiting for it to appear (and retrying a partly written file)."""
+    import time
+
+    path = os.path.join(checkpoint_dir, f"checkpoint_{ckpt}")
+    waited = False
+    while not os.path.exists(path):
+        if not waited and parallel.is_main_process():
+            logging.warning("Waiting for the arrival of checkpoint_%d in %s", ckpt, checkpoint_dir)
+            waited = True
+        time.sleep(CHECKPOINT_POLL_S)
+    for delay in (CHECKPOINT_POLL_S, 2 * CHECKPOINT_POLL_S, None):
+        try:
+            return checkpoints.restore_checkpoint(path, template)
+        except (ValueError, OSError) as err:
+            if delay is None:
+                raise
+            logging.warning("checkpoint_%d is not readable yet (%s); retrying in %.0f s", ckpt, err, delay)
+            time.sleep(delay)
+    raise AssertionError("unreachable")
+
+
+def evaluate(config, workdir: str, eval_folder: str = "eval", feature_extractor=None) -> dict:
+    """Evaluate the checkpoints ``config.eval.begin_ckpt .. end_ckpt`` of ``workdir``, as the original.
+
+    For each checkpoint (waiting for missing ones): the loss on the evaluation split
+    (``eval.enable_loss``), bits/dim through the probability-flow ODE on ``eval.bpd_dataset``
+    (``'test'`` is gone over 5 times; ``eval.enable_bpd``), and ``eval.num_samples`` samples
+    with their Inception features and IS / FID / KID against the dataset statistics
+    (``eval.enable_sampling``; per-host folders ``ckpt_<n>_host_<h>``). Evaluation and sampling
+    use ``params_ema``. Checkpoints written by the original code are read too.
+
+    Resumable: a meta file per host (``meta_<h>.json``) is written after every round, and a
+    rerun continues at the next round with the same random numbers. The evaluation data are
+    read in a canonical order (see ``evaluation.canonical_order``) and dequantised with
+    seeded noise, so a resumed evaluation gives the numbers of an uninterrupted one.
+
+    Files in ``workdir/eval_folder`` (the original's names): ``ckpt_<n>_loss.npz`` (``all_losses``,
+    ``mean_loss``), ``<bpd_dataset>_ckpt_<n>_bpd_<round>.npz``, ``ckpt_<n>_host_<h>/samples_<r>.npz`` and
+    ``statistics_<r>.npz`` (``pool_3``, ``logits``), ``report_<n>.npz`` (``IS``, ``fid``, ``kid``), plus
+    ``summary.json`` / ``summary.md``. Numbers from a feature network other than the 2048-d
+    Inception are labelled "(stand-in features)".
+
+    Args:
+        config: the training config (``eval.*`` fields select what is computed).
+        workdir: the training run's folder (``checkpoints/`` inside).
+        eval_folder: subfolder for the results.
+        feature_extractor: an ``evaluation.FeatureExtractor`` to use instead of loading the
+            Inception network (tests, offline smoke runs).
+
+    Returns:
+        The summary dict (also written as ``summary.json``).
+    """
+    import time
+
+    import likelihood
+    import sampling
+    from score_sde import evaluation as evaluation_lib
+
+    # Everything that can fail for want of a file fails here, before any long computation.
+    names = None
+    if config.eval.enable_sampling:
+        extractor = feature_extractor or evaluation_lib.load_feature_extractor(config)
+        stats_path = evaluation_lib.dataset_stats_path(config)
+        data_stats = evaluation_lib.load_dataset_stats(stats_path)
+        names = evaluation_lib.metric_names(extractor.is_inception, int(np.shape(data_stats["pool_3"])[1]))
+
+    eval_dir = os.path.join(workdir, eval_folder)
+    os.makedirs(eval_dir, exist_ok=True)
+    host = parallel.process_index()
+    rng = jax.random.PRNGKey(config.seed + 1)
+    scaler = datasets.get_data_scaler(config)
+    inverse_scaler = datasets.get_data_inverse_scaler(config)
+    rng, model_rng = jax.random.split(rng)
+    score_model = mutils.create_model(config)
+    # Only shapes and dtypes matter for restoring: trace the initialisation instead of running it.
+    template = jax.tree_util.tree_map(
+        lambda s: np.zeros(s.shape, s.dtype),
+        jax.eval_shape(lambda key: losses.init_train_state(key, config)[1], model_rng))
+    checkpoint_dir = os.path.join(workdir, "checkpoints")
+    sde, sampling_eps = sde_lib.get_sde(config)
+    n_local = parallel.local_device_count()
+    per_device = config.eval.batch_size // parallel.device_count()
+    if per_device * parallel.device_count() != config.eval.batch_size or per_device == 0:
+        raise ValueError(f"config.eval.batch_size = {config.eval.batch_size} must be a positive multiple of the "
+                         f"number of devices ({parallel.device_count()}).")
+    global_batch = config.eval.batch_size
+
+    if config.eval.enable_loss:
+        optimize_fn = losses.optimization_manager(config)
+        eval_step = losses.get_step_fn(sde, score_model, train=False, optimize_fn=optimize_fn,
+                                       reduce_mean=config.training.reduce_mean, continuous=config.training.continuous,
+                                       likelihood_weighting=config.training.likelihood_weighting)
+        p_eval_step = parallel.pmap(functools.partial(jax.lax.scan, eval_step))
+        loss_images = _eval_images(config, "test")
+        num_loss_batches = len(loss_images) // global_batch
+        if num_loss_batches == 0:
+            raise ValueError(f"The evaluation split has {len(loss_images)} images, fewer than one batch "
+                             f"(config.eval.batch_size = {global_batch}).")
+
+    bpd_dataset = config.eval.bpd_dataset.lower()
+    if bpd_dataset not in ("train", "test"):
+        raise ValueError(f"config.eval.bpd_dataset = {config.eval.bpd_dataset!r}; use 'train' or 'test'.")
+    bpd_num_repeats = 5 if bpd_dataset == "test" else 1
+    if config.eval.enable_bpd:
+        # The ODE solver and tolerances of config.sampling (new fields; the original's values by default).
+        likelihood_fn = likelihood.get_likelihood_fn(
+            sde, score_model, inverse_scaler, rtol=config.sampling.get("ode_rtol", 1e-5),
+            atol=config.sampling.get("ode_atol", 1e-5), solver=config.sampling.get("ode_solver", "scipy"))
+        bpd_images = _eval_images(config, bpd_dataset)
+        bpd_batches_per_repeat = len(bpd_images) // global_batch
+        if bpd_batches_per_repeat == 0:
+            raise ValueError(f"The {bpd_dataset} split has {len(bpd_images)} images, fewer than one batch "
+                             f"(config.eval.batch_size = {global_batch}).")
+        num_bpd_rounds = bpd_batches_per_repeat * bpd_num_repeats
+    else:
+        num_bpd_rounds = 0
+
+    if config.eval.enable_sampling:
+        sampling_shape = (config.eval.batch_size // n_local, config.data.image_size, config.data.image_size,
+                          config.data.num_channels)
+        sampling_fn = sampling.get_sampling_fn(config, sde, score_model, sampling_shape, inverse_scaler,
+                                               sampling_eps)
+        num_sampling_rounds = -(-config.eval.num_samples // config.eval.batch_size)
+
+    rng = parallel.fold_in_process(rng)
+    meta = evaluation_lib.load_eval_meta(eval_dir, host)
+    if meta is None:
+        meta = evaluation_lib.EvalMeta(ckpt_id=config.eval.begin_ckpt, rng=evaluation_lib.key_to_list(rng))
+    else:
+        logging.info("Resuming the evaluation at checkpoint %d (loss done: %s, bits/dim rounds done: %d, "
+                     "sampling rounds done: %d)", meta.ckpt_id, meta.loss_done, meta.bpd_rounds_done,
+                     meta.sampling_rounds_done)
+
+    def save_meta(**changes):
+        nonlocal meta
+        meta = meta.replace(**changes)
+        evaluation_lib.save_eval_meta(eval_dir, host, meta)
+
+    summary = {"title": f"Evaluation of {workdir}", "eval_dir": eval_dir, "checkpoints": {}}
+    if config.eval.enable_sampling:
+        summary["feature_extractor"] = extractor.name
+        summary["dataset statistics"] = stats_path
+    for ckpt in range(meta.ckpt_id, config.eval.end_ckpt + 1):
+        if ckpt != meta.ckpt_id:
+            save_meta(ckpt_id=ckpt, loss_done=False, bpd_rounds_done=0, sampling_rounds_done=0, metrics_done=False)
+        rng = jax.numpy.asarray(np.asarray(meta.rng, np.uint32))
+        state = _wait_and_restore(checkpoint_dir, ckpt, template)
+        pstate = parallel.replicate(state)
+
+        if config.eval.enable_loss and not meta.loss_done:
+            all_losses = []
+            for i in range(num_loss_batches):
+                batch = loss_images[i * global_batch:(i + 1) * global_batch]
+                if config.data.uniform_dequantization:
+                    batch = evaluation_lib.dequantize(batch, (config.seed, 0, i))
+                else:
+                    batch = evaluation_lib.to_unit_float(batch)
+                batch = _host_rows(scaler(batch), per_device)[:, None]
+                rng, keys = device_keys(rng)
+                (_, _), p_eval_loss = p_eval_step((keys, pstate), {"image": batch})
+                all_losses.extend(np.asarray(parallel.unreplicate(p_eval_loss)).reshape(-1))
+            all_losses = np.asarray(all_losses)
+            if parallel.is_main_process():
+                evaluation_lib.write_npz(os.path.join(eval_dir, f"ckpt_{ckpt}_loss.npz"), all_losses=all_losses,
+                                         mean_loss=all_losses.mean())
+            logging.info("ckpt: %d, eval loss: %.6e", ckpt, all_losses.mean())
+            save_meta(loss_done=True, rng=evaluation_lib.key_to_list(rng))
+
+        for bpd_round in range(meta.bpd_rounds_done, num_bpd_rounds):
+            repeat, batch_id = divmod(bpd_round, bpd_batches_per_repeat)
+            order = np.random.default_rng([config.seed, repeat]).permutation(len(bpd_images))
+            batch = bpd_images[order[batch_id * global_batch:(batch_id + 1) * global_batch]]
+            batch = _host_rows(scaler(evaluation_lib.dequantize(batch, (config.seed, 1, repeat, batch_id))),
+                               per_device)
+            rng, keys = device_keys(rng)
+            bpd = np.asarray(likelihood_fn(keys, pstate, batch)[0]).reshape(-1)
+            suffix = "" if parallel.process_count() == 1 else f"_host_{host}"
+            evaluation_lib.write_npz(
+                os.path.join(eval_dir, f"{bpd_dataset}_ckpt_{ckpt}_bpd_{bpd_round}{suffix}.npz"), bpd)
+            logging.info("ckpt: %d, repeat: %d, batch: %d, mean bpd: %.6f", ckpt, repeat, batch_id, bpd.mean())
+            save_meta(bpd_rounds_done=bpd_round + 1, rng=evaluation_lib.key_to_list(rng))
+
+        if config.eval.enable_sampling:
+            sample_dir = os.path.join(eval_dir, f"ckpt_{ckpt}_host_{host}")
+            os.makedirs(sample_dir, exist_ok=True)
+            for r in range(meta.sampling_rounds_done, num_sampling_rounds):
+                logging.info("sampling -- ckpt: %d, round: %d of %d", ckpt, r + 1, num_sampling_rounds)
+                rng, keys = device_keys(rng)
+                samples, _ = sampling_fn(keys, pstate)
+                samples = np.clip(np.asarray(samples) * 255.0, 0, 255).astype(np.uint8)
+                samples = samples.reshape((-1, config.data.image_size, config.data.image_size,
+                                           config.data.num_channels))
+                evaluation_lib.write_npz(os.path.join(sample_dir, f"samples_{r}.npz"), samples=samples)
+                latents = evaluation_lib.run_inception(samples, extractor)
+                stats = {"pool_3": latents["pool_3"]}
+                if latents["logits"] is not None:
+                    stats["logits"] = latents["logits"]
+                evaluation_lib.write_npz(os.path.join(sample_dir, f"statistics_{r}.npz"), **stats)
+                save_meta(sampling_rounds_done=r + 1, rng=evaluation_lib.key_to_list(rng))
+
+            report_file = os.path.join(eval_dir, f"report_{ckpt}.npz")
+            if parallel.is_main_process() and not meta.metrics_done:
+                pools, logits = [], []
+                for h in range(parallel.process_count()):
+                    host_dir = os.path.join(eval_dir, f"ckpt_{ckpt}_host_{h}")
+                    files = [os.path.join(host_dir, f"statistics_{r}.npz") for r in range(num_sampling_rounds)]
+                    waited = False
+                    while not all(os.path.exists(f) for f in files):
+                        if not waited:
+                            logging.warning("Waiting for the sample statistics of host %d", h)
+                            waited = True
+                        time.sleep(30)
+                    for f in files:
+                        stat = evaluation_lib.read_npz(f)
+                        pools.append(stat["pool_3"])
+                        if "logits" in stat:
+                            logits.append(stat["logits"])
+                all_pools = np.concatenate(pools)[:config.eval.num_samples]
+                all_logits = np.concatenate(logits)[:config.eval.num_samples] if logits else None
+                evaluation_lib.check_stats_extractor(data_stats, extractor, stats_path, all_pools.shape[1])
+                metrics = evaluation_lib.compute_metrics(all_pools, all_logits, data_stats["pool_3"])
+                inception_score = metrics["IS"] if all_logits is not None else -1.0
+                logging.info("ckpt-%d --- %s: %.6e, %s: %.6e, %s: %.6e", ckpt, names["IS"], inception_score,
+                             names["fid"], metrics["fid"], names["kid"], metrics["kid"])
+                evaluation_lib.write_npz(report_file, IS=inception_score, fid=metrics["fid"], kid=metrics["kid"],
+                                         num_samples=len(all_pools), feature_extractor=np.asarray(extractor.name))
+            else:
+                while not os.path.exists(report_file):
+                    time.sleep(1.0)
+            save_meta(metrics_done=True)
+
+        summary["checkpoints"][str(ckpt)] = evaluation_lib.summarize_checkpoint(eval_dir, ckpt, bpd_dataset, names)
+        if parallel.is_main_process():
+            evaluation_lib.write_summary(os.path.join(eval_dir, "summary"), summary)
+        save_meta(ckpt_id=ckpt + 1, loss_done=False, bpd_rounds_done=0, sampling_rounds_done=0, metrics_done=False,
+                  rng=evaluation_lib.key_to_list(rng))
+
+    for ckpt in range(config.eval.begin_ckpt, config.eval.end_ckpt + 1):
+        row = evaluation_lib.summarize_checkpoint(eval_dir, ckpt, bpd_dataset, names)
+        if row:
+            summary["checkpoints"][str(ckpt)] = row
+    if parallel.is_main_process():
+        evaluation_lib.write_summary(os.path.join(eval_dir, "summary"), summary)
+    os.remove(evaluation_lib.eval_meta_path(eval_dir, host))
+    return summary
+
+
+def fid_stats(config, workdir: str, feature_extractor=None) -> str:
+    """Compute the dataset statistics file used by FID / KID (``--mode fid_stats``).
+
+    As the original's users were told to: every image of the training split, as uint8
+    (no dequantisation, no dropped last batch), through the same feature network as
+    :func:`evaluate`. Written to ``evaluation.dataset_stats_path(config)``
+    (``config.eval.stats_dir``, default ``assets/stats/<dataset>_stats.npz``) with ``pool_3``,
+    ``mu``, ``sigma``, ``logits`` and the network's name; a short JSON note goes to ``workdir``.
+
+    Returns:
+        The path of the statistics file.
+    """
+    from score_sde import evaluation as evaluation_lib
+
+    extractor = feature_extractor or evaluation_lib.load_feature_extractor(config)
+    images = _eval_images(config, "train")
+    if images.dtype != np.uint8:
+        images = np.clip(np.round(images * 255.0), 0, 255).astype(np.uint8)
+    logging.info("Computing features of %d training images with %s", len(images), extractor.name)
+    latents = evaluation_lib.run_inception(images, extractor)
+    path = evaluation_lib.dataset_stats_path(config)
+    if parallel.is_main_process():
+        evaluation_lib.save_dataset_stats(path, latents["pool_3"], extractor.name, logits=latents["logits"])
+        os.makedirs(workdir, exist_ok=True)
+        note = {"stats_file": os.path.abspath(path), "num_images": int(len(images)), "dataset": config.data.dataset,
+                "image_size": int(config.data.image_size), "feature_extractor": extractor.name,
+                "feature_dim": int(latents["pool_3"].shape[1]),
+                "stand_in": evaluation_lib.metric_names(extractor.is_inception,
+                                                        latents["pool_3"].shape[1])["fid"] != "FID"}
+        with open(os.path.join(workdir, "fid_stats.json"), "w") as fout:
+            json.dump(note, fout, indent=2)
+        logging.info("Wrote %s (%d images, %d-d features)", path, len(images), latents["pool_3"].shape[1])
+    return path

@@ -471,6 +471,9 @@ class EvalMeta:
     sampling_rounds_done: int = 0
     metrics_done: bool = False
 
+    def replace(self, **changes) -> "EvalMeta":
+        return dataclasses.replace(self, **changes)
+
 
 def eval_meta_path(eval_dir: str, host: int) -> str:
     return os.path.join(eval_dir, f"meta_{host}.json")

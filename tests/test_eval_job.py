@@ -1,0 +1,268 @@
+"""The evaluation job (run_lib.evaluate / fid_stats) end to end on the embedded digits, with a stand-in feature network.
+
+The slow tests share one briefly trained workdir (module fixture). Numbers from the stand-in
+network are never called FID; the real Inception is not needed (nor available offline).
+"""
+import json
+import os
+import pathlib
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from score_sde import evaluation
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _tiny_digits_config(tmp_root: pathlib.Path):
+    """A digits config small enough for tests: tiny DDPM++, 2 numbered checkpoints after 10 steps."""
+    from configs.vp import digits
+
+    c = digits.get_config()
+    c.training.n_iters = 10
+    c.training.batch_size = 16
+    c.training.snapshot_freq = 5
+    c.training.snapshot_freq_for_preemption = 5
+    c.training.eval_freq = 5
+    c.training.snapshot_sampling = False
+    c.model.nf = 8
+    c.model.num_res_blocks = 1
+    c.model.num_scales = 20
+    c.sampling.ode_solver = "scipy"
+    c.eval.begin_ckpt = 2
+    c.eval.end_ckpt = 2
+    c.eval.batch_size = 148  # test split: 297 digits = 2 batches
+    c.eval.num_samples = 60
+    c.eval.stats_dir = str(tmp_root / "stats")
+    return c
+
+
+def test_missing_inception_fails_before_anything(tmp_path):
+    """Offline without config.eval.inception_path: a clear message at once, no waiting for checkpoints."""
+    import run_lib
+
+    config = _tiny_digits_config(tmp_path)
+    config.eval.enable_sampling = True
+    start = time.time()
+    with pytest.raises(evaluation.InceptionUnavailableError, match="config.eval.inception_path"):
+        run_lib.evaluate(config, str(tmp_path / "no_checkpoints_here"))
+    assert time.time() - start < 30
+    assert not (tmp_path / "no_checkpoints_here" / "eval").exists()
+
+
+def test_missing_inception_message_through_main(tmp_path):
+    """``main.py --mode eval`` prints the message, not a traceback."""
+    if not (REPO / "main.py").exists():
+        pytest.fail("main.py is missing (the training pipeline's entry point)")
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    proc = subprocess.run(
+        [sys.executable, "main.py", "--config", "configs/vp/digits.py", "--workdir", str(tmp_path / "wd"),
+         "--mode", "eval", "--config.eval.enable_sampling=True"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert "inception_path" in proc.stderr + proc.stdout
+    assert "Traceback" not in proc.stderr
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A workdir with checkpoints 1 and 2 of a 10-step digits run, the stand-in network and its statistics."""
+    import run_lib
+
+    root = tmp_path_factory.mktemp("eval_job")
+    config = _tiny_digits_config(root)
+    workdir = root / "workdir"
+    run_lib.train(config, str(workdir))
+    assert (workdir / "checkpoints" / "checkpoint_2").exists()
+    stand_in = root / "stand_in"
+    evaluation.save_stand_in_extractor(str(stand_in))
+    config.eval.inception_path = str(stand_in)
+    return config, workdir
+
+
+@pytest.mark.slow
+def test_fid_stats_file(trained):
+    import run_lib
+
+    config, workdir = trained
+    path = run_lib.fid_stats(config, str(workdir))
+    stats = evaluation.load_dataset_stats(path)
+    assert path == os.path.join(config.eval.stats_dir, "digits_stats.npz")
+    assert stats["pool_3"].shape == (1500, 16)  # every training digit, none dropped
+    assert stats["logits"].shape == (1500, 10)
+    note = json.loads((workdir / "fid_stats.json").read_text())
+    assert note["num_images"] == 1500 and note["stand_in"] is True
+    # uint8 inputs without dequantisation: the features of the raw training digits, in some order.
+    from score_sde import datasets
+
+    images, _ = datasets.load_digits()
+    extractor = evaluation.load_feature_extractor(config)
+    direct = evaluation.run_inception(images[:1500], extractor)["pool_3"]
+    np.testing.assert_allclose(np.sort(stats["pool_3"][:, 0]), np.sort(direct[:, 0]), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_evaluate_end_to_end(trained):
+    """Loss + bits/dim + sampling with stand-in features: every report written, labelled honestly."""
+    import run_lib
+
+    config, workdir = trained
+    config = config.copy_and_resolve_references()
+    run_lib.fid_stats(config, str(workdir))
+    config.eval.enable_loss = True
+    config.eval.enable_bpd = True
+    config.eval.bpd_dataset = "test"
+    config.eval.batch_size = 297  # the whole test split: 1 loss batch, 5 bits/dim rounds, 1 sampling round
+    config.eval.enable_sampling = True
+    summary = run_lib.evaluate(config, str(workdir), "eval_e2e")
+    eval_dir = workdir / "eval_e2e"
+    loss = np.load(eval_dir / "ckpt_2_loss.npz")
+    assert loss["all_losses"].shape == (1,) and np.isfinite(loss["mean_loss"])
+    bpd = np.concatenate([np.load(eval_dir / f"test_ckpt_2_bpd_{r}.npz")["arr_0"] for r in range(5)])
+    assert bpd.shape == (5 * 297,) and np.all(np.isfinite(bpd))
+    assert 0.0 < bpd.mean() < 30  # a barely trained model: finite, positive, not absurd
+    samples = np.load(eval_dir / "ckpt_2_host_0" / "samples_0.npz")["samples"]
+    assert samples.dtype == np.uint8 and samples.shape == (297, 8, 8, 1)
+    report = np.load(eval_dir / "report_2.npz")
+    assert report["fid"] > 0 and report["kid"] == pytest.approx(report["kid"]) and report["IS"] >= 1
+    row = summary["checkpoints"]["2"]
+    assert "FID (stand-in features)" in row and "FID" not in row
+    assert row["FID (stand-in features)"] == pytest.approx(float(report["fid"]))
+    assert row["bits/dim (test)"] == pytest.approx(bpd.mean(), rel=1e-6)
+    written = json.loads((eval_dir / "summary.json").read_text())
+    assert written["checkpoints"]["2"]["eval loss"] == pytest.approx(float(loss["mean_loss"]))
+    markdown = (eval_dir / "summary.md").read_text()
+    assert "FID (stand-in features)" in markdown and "| FID |" not in markdown
+    assert not (eval_dir / "meta_0.json").exists()  # finished: the meta file is removed, as the original
+
+
+_DRIVER = """
+import json, logging, sys
+sys.path[:0] = [{repo!r}, {tests!r}]
+logging.basicConfig(level=logging.INFO)
+import pathlib
+from test_eval_job import _tiny_digits_config
+import run_lib
+config = _tiny_digits_config(pathlib.Path({root!r}))
+config.update_from_flattened_dict(json.loads({overrides!r}))
+run_lib.evaluate(config, {workdir!r}, {folder!r})
+"""
+
+
+def _eval_command(workdir: pathlib.Path, folder: str, overrides: dict) -> list:
+    """A python command evaluating the tiny digits workdir into ``folder`` (a separate process, killable)."""
+    code = _DRIVER.format(repo=str(REPO), tests=str(REPO / "tests"), root=str(workdir.parent),
+                          overrides=json.dumps(overrides), workdir=str(workdir), folder=folder)
+    return [sys.executable, "-c", code]
+
+
+@pytest.mark.slow
+def test_eval_kill_and_resume(trained):
+    """kill -9 during the bits/dim rounds; the rerun resumes at the next round; the result equals an uninterrupted run."""
+    _, workdir = trained
+    overrides = {"eval.enable_loss": True, "eval.enable_bpd": True, "eval.enable_sampling": False,
+                 "eval.bpd_dataset": "test", "eval.batch_size": 148}  # 2 batches x 5 repeats = 10 rounds
+    num_rounds = 10
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    cmd = _eval_command(workdir, "eval_killed", overrides)
+    eval_dir = workdir / "eval_killed"
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 600
+        while not (eval_dir / "test_ckpt_2_bpd_1.npz").exists():
+            assert proc.poll() is None, proc.stderr.read()[-3000:]
+            assert time.time() < deadline
+            time.sleep(0.05)
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait()
+    meta = json.loads((eval_dir / "meta_0.json").read_text())
+    done = meta["bpd_rounds_done"]
+    assert meta["loss_done"] and 2 <= done < num_rounds
+    first_rounds = {r: (eval_dir / f"test_ckpt_2_bpd_{r}.npz").stat().st_mtime_ns for r in range(done)}
+
+    resumed = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"bits/dim rounds done: {done}" in resumed.stderr
+    for r, mtime in first_rounds.items():  # rounds finished before the kill were not redone
+        assert (eval_dir / f"test_ckpt_2_bpd_{r}.npz").stat().st_mtime_ns == mtime
+
+    straight = subprocess.run(_eval_command(workdir, "eval_straight", overrides), cwd=REPO, env=env,
+                              capture_output=True, text=True, timeout=900)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    for r in range(num_rounds):
+        a = np.load(eval_dir / f"test_ckpt_2_bpd_{r}.npz")["arr_0"]
+        b = np.load(workdir / "eval_straight" / f"test_ckpt_2_bpd_{r}.npz")["arr_0"]
+        np.testing.assert_array_equal(a, b)
+    assert not (workdir / "eval_straight" / f"test_ckpt_2_bpd_{num_rounds}.npz").exists()
+    np.testing.assert_array_equal(np.load(eval_dir / "ckpt_2_loss.npz")["all_losses"],
+                                  np.load(workdir / "eval_straight" / "ckpt_2_loss.npz")["all_losses"])
+    killed_summary = json.loads((eval_dir / "summary.json").read_text())["checkpoints"]
+    straight_summary = json.loads((workdir / "eval_straight" / "summary.json").read_text())["checkpoints"]
+    assert killed_summary == straight_summary
+
+
+def _write_cifar10_tarball(path: pathlib.Path, n_train: int = 40, n_test: int = 10) -> None:
+    """A tiny cifar-10-binary.tar.gz (random records in the real binary layout)."""
+    import io
+    import tarfile
+
+    rng = np.random.default_rng(0)
+
+    def records(n):
+        labels = rng.integers(0, 10, size=(n, 1), dtype=np.uint8)
+        pixels = rng.integers(0, 256, size=(n, 3072), dtype=np.uint8)
+        return np.concatenate([labels, pixels], axis=1).tobytes()
+
+    members = {f"data_batch_{i}.bin": records(n_train // 5) for i in range(1, 6)}
+    members["test_batch.bin"] = records(n_test)
+    with tarfile.open(path, "w:gz") as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(f"cifar-10-batches-bin/{name}")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+
+@pytest.mark.slow
+def test_train_resumes_from_original_checkpoint(golden_dir, tmp_path):
+    """A workdir holding only the original's checkpoints/checkpoint_26: training continues from step 260000."""
+    import flax.serialization
+    from test_legacy_checkpoint import _golden_config
+
+    import run_lib
+    from score_sde import checkpoints
+
+    config = _golden_config(golden_dir)  # the checkpoint's model: ddpmpp_vp_cont (CIFAR-10 shapes, 16x16)
+    tarball = tmp_path / "cifar-10-binary.tar.gz"
+    _write_cifar10_tarball(tarball)
+    config.data.data_dir = str(tarball)
+    config.training.batch_size = 2
+    config.training.n_jitted_steps = 1
+    config.training.n_iters = 260001
+    config.training.snapshot_sampling = False
+    config.eval.batch_size = 2
+    workdir = tmp_path / "workdir"
+    (workdir / "checkpoints").mkdir(parents=True)
+    shutil.copy(golden_dir / "legacy_checkpoint" / "checkpoints" / "checkpoint_26", workdir / "checkpoints")
+
+    def give_up(signum, frame):
+        raise TimeoutError("training did not stop: it did not resume from step 260000 (it would run 260001 steps)")
+
+    previous = signal.signal(signal.SIGALRM, give_up)
+    signal.alarm(600)
+    try:
+        run_lib.train(config, str(workdir))
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+    latest = checkpoints.latest_checkpoint(str(workdir / "checkpoints-meta"))
+    raw = flax.serialization.msgpack_restore(pathlib.Path(latest).read_bytes())
+    assert int(raw["step"]) == 260001
+    # Adam continued from the original's moments: its count went on from 260000.
+    assert int(raw["opt_state"]["0"]["count"]) == 260001
