@@ -1,0 +1,113 @@
+"""Seconds per score evaluation of the PC and probability-flow ODE samplers on the benchmark DDPM++.
+
+Benchmark model: ``configs/vp/cifar10_ddpmpp_continuous.py`` with ``nf=32, ch_mult=(1, 2, 2),
+num_res_blocks=2, attn_resolutions=(16,)``; batch 8 of 32×32×3; VPSDE(0.1, 20); initial weights
+from PRNGKey(1), as ``/work/shared/tools/perf_ref.py`` times the original code.
+
+Printed (``name value`` lines; every timing excludes compilation and is the minimum over repeats):
+
+* ``score_eval`` — one jitted score evaluation (the floor any sampler pays per evaluation);
+* ``pc_N<N>`` — :func:`sampling.get_pc_sampler` with reverse diffusion + Langevin (snr 0.16,
+  one corrector step), total seconds, NFE = 2N and seconds per evaluation beside ``score_eval``
+  (goal ≤ 1.1×; the original: 0.115 s per evaluation on this CPU);
+* ``ode_<solver>`` — :func:`sampling.get_ode_sampler` (RK45 pair, no denoising) with the JAX
+  solver (one compiled program) and scipy's ``solve_ivp`` (host loop): NFE and seconds per NFE.
+
+Usage (repository root): ``python benchmarks/sampling.py [--n 100] [--rtol 1e-3 --atol 1e-3] [--reps 3]``.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+import sampling  # noqa: E402
+import sde_lib  # noqa: E402
+from configs.vp import cifar10_ddpmpp_continuous  # noqa: E402
+from models import utils as mutils  # noqa: E402
+from score_sde import parallel  # noqa: E402
+
+BATCH = 8
+ORIGINAL_PC_PER_EVAL = 0.115
+
+
+def benchmark_config():
+    config = cifar10_ddpmpp_continuous.get_config()
+    config.model.nf = 32
+    config.model.ch_mult = (1, 2, 2)
+    config.model.num_res_blocks = 2
+    config.model.attn_resolutions = (16,)
+    return config
+
+
+def timed(fn, reps: int) -> float:
+    """Minimum wall time of ``reps`` calls after one warm-up call (compilation)."""
+    jax.block_until_ready(fn())
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        jax.block_until_ready(fn())
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--n", type=int, default=100, help="PC sampler steps N")
+    parser.add_argument("--rtol", type=float, default=1e-3)
+    parser.add_argument("--atol", type=float, default=1e-3)
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--skip_ode", action="store_true")
+    args = parser.parse_args()
+
+    config = benchmark_config()
+    model = mutils.create_model(config)
+    x = jax.random.normal(jax.random.PRNGKey(0), (BATCH, 32, 32, 3))
+    params = model.init({"params": jax.random.PRNGKey(1), "dropout": jax.random.PRNGKey(2)}, x,
+                        jnp.zeros((BATCH,)), train=False)["params"]
+    print(f"params {sum(int(np.prod(p.shape)) for p in jax.tree_util.tree_leaves(params))}", flush=True)
+    shape = (BATCH, 32, 32, 3)
+
+    sde = sde_lib.VPSDE(0.1, 20.0, 1000)
+    score_fn = mutils.get_score_fn(sde, model, params, {}, train=False, continuous=True)
+    one_eval = jax.jit(lambda: score_fn(x, jnp.full((BATCH,), 0.5)))
+    floor = timed(one_eval, max(5, 3 * args.reps))
+    print(f"score_eval {floor:.4f} s", flush=True)
+
+    state = mutils.State(step=0, params=params, opt_state={}, lr=0.0, model_state={}, ema_rate=0.0,
+                         params_ema=params, rng=jax.random.PRNGKey(0))
+    pstate = parallel.replicate(state)
+    n_dev = parallel.local_device_count()
+    prng = jnp.asarray([jax.random.PRNGKey(4)] * n_dev)
+
+    sde_n = sde_lib.VPSDE(0.1, 20.0, args.n)
+    pc = sampling.get_pc_sampler(sde_n, model, shape, sampling.get_predictor("reverse_diffusion"),
+                                 sampling.get_corrector("langevin"), lambda v: v, 0.16, n_steps=1,
+                                 probability_flow=False, continuous=True, denoise=True, eps=1e-3)
+    total = timed(lambda: pc(prng, pstate)[0], args.reps)
+    nfe = pc(prng, pstate)[1]
+    per_eval = total / nfe
+    print(f"pc_N{args.n} total {total:.2f} s nfe {nfe} per_eval {per_eval:.4f} s "
+          f"ratio_to_score_eval {per_eval / floor:.3f} (goal <= 1.1; original per_eval {ORIGINAL_PC_PER_EVAL})",
+          flush=True)
+
+    if args.skip_ode:
+        return
+    for solver in ("jax", "scipy"):
+        ode = sampling.get_ode_sampler(sde, model, shape, lambda v: v, denoise=False, rtol=args.rtol,
+                                       atol=args.atol, method="RK45", eps=1e-3, solver=solver)
+        total = timed(lambda: ode(prng, pstate)[0], args.reps)
+        nfe = ode(prng, pstate)[1]
+        print(f"ode_{solver} rtol {args.rtol:g} atol {args.atol:g} total {total:.2f} s nfe {nfe} "
+              f"per_nfe {total / nfe:.4f} s ratio_to_score_eval {total / nfe / floor:.3f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
