@@ -34,8 +34,7 @@ INPAINT_COV = 0.3 * np.array([[1.0, 0.6, 0.5, 0.3], [0.6, 1.0, 0.4, 0.5], [0.5, 
 INPAINT_MEAN = np.array([0.2, -0.1, 0.3, 0.0])
 
 
-@pytest.mark.parametrize("name", ["vesde", "subvpsde"])
-def test_inpainting_samples_the_conditional_gaussian(name):
+def test_inpainting_samples_the_conditional_gaussian():
     """Correlated 2×2 Gaussian images, top row known: the bottom row follows N(cond. mean, cond. cov).
 
     The replacement method is exact only in the limit where the Langevin corrector mixes the unknown
@@ -43,15 +42,14 @@ def test_inpainting_samples_the_conditional_gaussian(name):
     reverse diffusion + Langevin and N=1000 the error is within MC noise plus the corrector's
     step-size bias (a few per cent of the variance).
     """
-    sde = sde_lib.VESDE(0.01, 50, 1000) if name == "vesde" else sde_lib.subVPSDE(0.1, 20, 1000)
-    eps = 1e-5 if name == "vesde" else 1e-3
+    sde = sde_lib.VESDE(0.01, 50, 1000)
     dist = toy.Gaussian(INPAINT_MEAN, INPAINT_COV, event_shape=(2, 2, 1))
     known = np.array([True, True, False, False])
     values = np.array([0.8, 0.5])
     n = 8000
     data = jnp.broadcast_to(jnp.asarray([0.8, 0.5, 0.0, 0.0]).reshape(1, 2, 2, 1), (n, 2, 2, 1))
     mask = jnp.broadcast_to(jnp.asarray(known, jnp.float32).reshape(1, 2, 2, 1), (n, 2, 2, 1))
-    inpainter = cg.get_score_pc_inpainter(sde, dist.score_fn(sde), RD, LANGEVIN, snr=0.16, eps=eps)
+    inpainter = cg.get_score_pc_inpainter(sde, dist.score_fn(sde), RD, LANGEVIN, snr=0.16, eps=1e-5)
     x = np.asarray(inpainter(jax.random.PRNGKey(0), data, mask)).reshape(n, 4)
     np.testing.assert_allclose(x[:, known], np.broadcast_to(values, (n, 2)), atol=1e-3)
     want_mean, want_cov = _conditional_gaussian(INPAINT_MEAN, INPAINT_COV, known, values)
@@ -59,7 +57,10 @@ def test_inpainting_samples_the_conditional_gaussian(name):
 
 
 def test_colorization_samples_the_conditional_gaussian():
-    """RGB Gaussian pixels; the grey level (r+g+b)/√3 is given: chroma follows the closed-form conditional."""
+    """RGB Gaussian pixels; the grey level (r+g+b)/√3 is given: chroma follows the closed-form conditional.
+
+    Run on sub-VP (inpainting runs on VE), so that both SDE families are covered.
+    """
     rgb_cov = 0.2 * np.array([[1.0, 0.7, 0.4], [0.7, 1.0, 0.6], [0.4, 0.6, 1.0]])
     rgb_mean = np.array([0.3, 0.1, -0.2])
     m = np.asarray(cg.colour_decoupling_matrix(), np.float64)
@@ -67,11 +68,11 @@ def test_colorization_samples_the_conditional_gaussian():
     x_rgb = jnp.asarray([[0.1, 0.5, -0.3]])
     np.testing.assert_allclose(np.asarray(cg.couple(cg.decouple(x_rgb))), np.asarray(x_rgb), atol=1e-6)
     grey = 0.25
-    sde = sde_lib.VESDE(0.01, 50, 1000)
+    sde = sde_lib.subVPSDE(0.1, 20, 1000)
     dist = toy.Gaussian(rgb_mean, rgb_cov, event_shape=(1, 1, 3))
     n = 8000
     grey_img = jnp.full((n, 1, 1, 3), grey)
-    colorizer = cg.get_score_pc_colorizer(sde, dist.score_fn(sde), RD, LANGEVIN, snr=0.16, eps=1e-5)
+    colorizer = cg.get_score_pc_colorizer(sde, dist.score_fn(sde), RD, LANGEVIN, snr=0.16, eps=1e-3)
     x = colorizer(jax.random.PRNGKey(1), grey_img)
     u = np.asarray(cg.decouple(x)).reshape(n, 3)
     np.testing.assert_allclose(u[:, 0], np.sqrt(3.0) * grey, atol=1e-3)
@@ -98,6 +99,9 @@ def test_class_conditional_sampling_with_exact_classifier():
     for k, comp in enumerate(MIX.components):
         xk = np.asarray(x).reshape(n, 3)[np.asarray(labels) == k]
         _check_moments(xk, np.asarray(comp.mean_flat), np.asarray(comp.cov), extra=0.02)
+
+
+VE_SMALL = sde_lib.VESDE(0.01, 50, 100)
 
 
 def _t_of_sigma(sigma):
@@ -131,7 +135,7 @@ def test_model_level_controllable_generation_runs_on_devices():
     pstate = parallel.replicate(state)
     keys = jax.random.split(jax.random.PRNGKey(3), n_dev)
     labels = jnp.tile((jnp.arange(n) % 2).astype(jnp.int32), (n_dev, 1))
-    sampler = cg.get_pc_conditional_sampler(VE, MixtureScoreModel(), MixtureClassifier(), {}, (n, 1, 1, 3), RD,
+    sampler = cg.get_pc_conditional_sampler(VE_SMALL, MixtureScoreModel(), MixtureClassifier(), {}, (n, 1, 1, 3), RD,
                                             LANGEVIN, lambda x: x, 0.16, continuous=True)
     x = sampler(keys, pstate, labels)
     assert x.shape == (n_dev, n, 1, 1, 3)
@@ -140,12 +144,12 @@ def test_model_level_controllable_generation_runs_on_devices():
 
     data = MIX.sample(jax.random.PRNGKey(4), n_dev * n).reshape(n_dev, n, 1, 1, 3)
     mask = jnp.zeros_like(data).at[..., 0].set(1.0)
-    out = cg.get_pc_inpainter(VE, MixtureScoreModel(), RD, LANGEVIN, lambda x: x, 0.16, continuous=True)(
+    out = cg.get_pc_inpainter(VE_SMALL, MixtureScoreModel(), RD, LANGEVIN, lambda x: x, 0.16, continuous=True)(
         keys, pstate, data, mask)
     np.testing.assert_allclose(np.asarray(out[..., 0]), np.asarray(data[..., 0]), atol=1e-3)
     assert np.isfinite(np.asarray(out)).all()
     grey = jnp.repeat(data.mean(-1, keepdims=True), 3, axis=-1)
-    out = cg.get_pc_colorizer(VE, MixtureScoreModel(), RD, LANGEVIN, lambda x: x, 0.16, continuous=True)(
+    out = cg.get_pc_colorizer(VE_SMALL, MixtureScoreModel(), RD, LANGEVIN, lambda x: x, 0.16, continuous=True)(
         keys, pstate, grey)
     np.testing.assert_allclose(np.asarray(out.sum(-1)), np.asarray(grey.sum(-1)), atol=2e-3)
 

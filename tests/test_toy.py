@@ -97,14 +97,15 @@ def test_flow_map_solves_probability_flow_ode(sde_name):
 
 def test_sampling_and_classifier():
     dist = _dists()["mix"]
-    x, labels = dist.sample_with_labels(jax.random.PRNGKey(2), 40000)
-    assert x.shape == (40000, 3)
+    n = 20000
+    x, labels = jax.jit(dist.sample_with_labels, static_argnums=1)(jax.random.PRNGKey(2), n)
+    assert x.shape == (n, 3)
     frac = float(labels.mean())
-    assert abs(frac - 0.7) < 4 * np.sqrt(0.21 / 40000)
+    assert abs(frac - 0.7) < 4 * np.sqrt(0.21 / n)
     for k, comp in enumerate(dist.components):
         xk = np.asarray(x[labels == k])
-        np.testing.assert_allclose(xk.mean(0), np.asarray(comp.mean_flat), atol=0.03)
-        np.testing.assert_allclose(np.cov(xk.T), np.asarray(comp.cov), atol=0.04)
+        np.testing.assert_allclose(xk.mean(0), np.asarray(comp.mean_flat), atol=0.04)
+        np.testing.assert_allclose(np.cov(xk.T), np.asarray(comp.cov), atol=0.05)
     sde = SDES["vpsde"]()
     t = jnp.full((6,), 0.3)
     post = jnp.exp(dist.log_posterior(sde, x[:6], t))
