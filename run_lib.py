@@ -265,7 +265,7 @@ def _eval_images(config, split: str) -> np.ndarray:
     """
     from score_sde import evaluation as evaluation_lib
 
-    one_per_device = config.copy_and_resolve_references() if hasattr(config, "copy_and_resolve_references") else config
+    one_per_device = config.copy_and_resolve_references()
     one_per_device.eval.batch_size = parallel.device_count()
     train_ds, eval_ds, _ = datasets.get_dataset(one_per_device, additional_dim=None, uniform_dequantization=False,
                                                 evaluation=True)

@@ -161,7 +161,7 @@ def load_feature_extractor(config) -> FeatureExtractor:
 
     Inception-v3 is used for ``config.data.image_size >= 256`` as in the original.
     """
-    path = config.eval.get("inception_path", None) if hasattr(config.eval, "get") else None
+    path = config.eval.get("inception_path", None)
     return get_inception_model(inceptionv3=config.data.image_size >= 256, inception_path=path)
 
 
@@ -356,7 +356,7 @@ def stats_filename(config) -> str:
 
 def dataset_stats_path(config) -> str:
     """Where the statistics of ``config.data`` live: ``config.eval.stats_dir`` (default ``assets/stats``)."""
-    stats_dir = config.eval.get("stats_dir", None) if hasattr(config.eval, "get") else None
+    stats_dir = config.eval.get("stats_dir", None)
     return os.path.join(stats_dir or DEFAULT_STATS_DIR, stats_filename(config))
 
 
@@ -429,7 +429,7 @@ def write_summary(path_prefix: str, summary: Mapping) -> None:
         lines.append(f"- **{key}**: {value}")
     checkpoints = summary.get("checkpoints", {})
     if checkpoints:
-        columns = sorted({name for row in checkpoints.values() for name in row})
+        columns = list(dict.fromkeys(name for row in checkpoints.values() for name in row))
         lines += ["", "| checkpoint | " + " | ".join(columns) + " |",
                   "|---" * (len(columns) + 1) + "|"]
         for ckpt, row in sorted(checkpoints.items(), key=lambda kv: int(kv[0])):
@@ -593,4 +593,6 @@ def summarize_checkpoint(eval_dir: str, ckpt: int, bpd_dataset: str, names: Mapp
         for key in ("IS", "fid", "kid"):
             value = float(report[key])
             row[names[key]] = None if (key == "IS" and value < 0) else value
+        if "num_samples" in report:
+            row["samples"] = int(report["num_samples"])
     return row
