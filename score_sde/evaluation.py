@@ -29,6 +29,8 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
+from score_sde.datasets import DatasetUnavailableError
+
 INCEPTION_TFHUB = "https://tfhub.dev/tensorflow/tfgan/eval/inception/1"
 INCEPTION_V3_TFHUB = "https://tfhub.dev/google/imagenet/inception_v3/feature_vector/4"
 INCEPTION_OUTPUT = "logits"
@@ -38,8 +40,16 @@ STAND_IN_SUFFIX = " (stand-in features)"
 DEFAULT_STATS_DIR = os.path.join("assets", "stats")
 
 
-class InceptionUnavailableError(RuntimeError):
-    """The Inception network cannot be loaded; the message says how to supply it."""
+class InceptionUnavailableError(DatasetUnavailableError):
+    """The Inception network cannot be loaded; the message says how to supply it.
+
+    A :class:`~score_sde.datasets.DatasetUnavailableError` (a needed file is not on this
+    machine), so ``main.py`` prints the message instead of a traceback.
+    """
+
+
+class StatsUnavailableError(DatasetUnavailableError):
+    """The dataset statistics file for FID / KID is missing; the message says how to make it."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -389,7 +399,7 @@ def load_dataset_stats(config_or_path) -> dict:
 
     path = config_or_path if isinstance(config_or_path, str) else dataset_stats_path(config_or_path)
     if not tf.io.gfile.exists(path):
-        raise FileNotFoundError(
+        raise StatsUnavailableError(
             f"Dataset statistics {path!r} not found. Compute them with `python main.py --config <config> "
             "--workdir <dir> --mode fid_stats`, or set config.eval.stats_dir to the folder holding them.")
     with tf.io.gfile.GFile(path, "rb") as fin:

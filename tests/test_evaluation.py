@@ -153,7 +153,7 @@ def test_stats_round_trip(tmp_path):
 
 
 def test_missing_stats_message(tmp_path):
-    with pytest.raises(FileNotFoundError, match="--mode fid_stats"):
+    with pytest.raises(evaluation.StatsUnavailableError, match="--mode fid_stats"):
         evaluation.load_dataset_stats(_config(tmp_path))
 
 
