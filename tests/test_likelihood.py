@@ -228,7 +228,7 @@ def test_get_div_fn_is_hutchinson_on_a_linear_map():
 
 
 def test_one_forward_pass_per_evaluation():
-    """Drift and divergence come from one vjp: the forward computation appears once in the program."""
+    """Drift and divergence come from one jvp: the forward computation appears once in the program."""
     fn = lambda x, t: jnp.sin(x) * t[:, None]
     jaxpr = jax.make_jaxpr(likelihood.get_drift_div_fn(fn))(jnp.ones((2, 3)), jnp.ones((2,)), jnp.ones((2, 3)))
     assert str(jaxpr).count(" sin ") == 1
