@@ -261,7 +261,8 @@ def _eval_images(config, split: str) -> np.ndarray:
     """Every image of the ``'train'`` or ``'test'`` split of ``config.data``, undequantised, in canonical order.
 
     Read once through ``datasets.get_dataset`` (so every dataset's preprocessing applies) with
-    one image per device, so no partial batch is dropped on a single device.
+    one image per device: nothing is dropped on one device; with D devices the pipeline's
+    ``drop_remainder`` can leave out up to D - 1 images (run on one device to avoid even that).
     """
     from score_sde import evaluation as evaluation_lib
 
