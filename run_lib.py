@@ -282,6 +282,16 @@ def _host_rows(global_batch: np.ndarray, per_device: int) -> np.ndarray:
     return rows.reshape((local, per_device) + rows.shape[1:])
 
 
+def eval_state_template(config, rng: jax.Array):
+    """``(model, state)``: the model of ``config`` and a zero State with its structure, shapes and dtypes.
+
+    Enough to restore a checkpoint into (ours or the original's); the initialisation is only
+    traced (``jax.eval_shape``), which is much faster than running it.
+    """
+    shapes = jax.eval_shape(lambda key: losses.init_train_state(key, config)[1], rng)
+    return mutils.create_model(config), jax.tree_util.tree_map(lambda s: np.zeros(s.shape, s.dtype), shapes)
+
+
 def _wait_and_restore(checkpoint_dir: str, ckpt: int, template):
     """Restore ``checkpoint_<ckpt>``, waiting for it to appear (and retrying a partly written file)."""
     import time
@@ -356,11 +366,7 @@ def evaluate(config, workdir: str, eval_folder: str = "eval", feature_extractor=
     scaler = datasets.get_data_scaler(config)
     inverse_scaler = datasets.get_data_inverse_scaler(config)
     rng, model_rng = jax.random.split(rng)
-    score_model = mutils.create_model(config)
-    # Only shapes and dtypes matter for restoring: trace the initialisation instead of running it.
-    template = jax.tree_util.tree_map(
-        lambda s: np.zeros(s.shape, s.dtype),
-        jax.eval_shape(lambda key: losses.init_train_state(key, config)[1], model_rng))
+    score_model, template = eval_state_template(config, model_rng)
     checkpoint_dir = os.path.join(workdir, "checkpoints")
     sde, sampling_eps = sde_lib.get_sde(config)
     n_local = parallel.local_device_count()

@@ -115,18 +115,15 @@ def _golden_config(golden_dir, case="ddpmpp_vp_cont"):
 
 
 def test_golden_checkpoint_restores_and_scores(golden_dir):
-    """Through our checkpoints path: step 260000, and params_ema / params reproduce the original's scores."""
-    import losses
+    """Through the eval path (run_lib.evaluate's template and restore): step 260000, and params_ema /
+    params reproduce the original's scores."""
+    import run_lib
     import sde_lib
     from models import utils as mutils
-    from score_sde import checkpoints
 
     config = _golden_config(golden_dir)
-    model = mutils.create_model(config)
-    # Shapes and dtypes are all a template needs; tracing is much faster than running init.
-    shapes = jax.eval_shape(lambda key: losses.init_train_state(key, config)[1], jax.random.PRNGKey(0))
-    template = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
-    state = checkpoints.restore_checkpoint(str(golden_dir / "legacy_checkpoint" / "checkpoints"), template)
+    model, template = run_lib.eval_state_template(config, jax.random.PRNGKey(0))
+    state = run_lib._wait_and_restore(str(golden_dir / "legacy_checkpoint" / "checkpoints"), 26, template)
     assert int(state.step) == 260000
     assert int(state.opt_state[0].count) == 260000
     assert state.ema_rate == pytest.approx(0.9999)
