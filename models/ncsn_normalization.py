@@ -74,7 +74,8 @@ class VarianceNorm2d(nn.Module):
     def __call__(self, x: Array) -> Array:
         channels = x.shape[-1]
         _, var = instance_moments(x)
-        scale = jax.lax.rsqrt(var + _EPS) * self.param("scale", _normal_plus_one, (1, 1, 1, channels)).reshape(1, -1)
+        scale = self.param("scale", _normal_plus_one, (1, 1, 1, channels)).reshape(1, -1)
+        scale = scale * jax.lax.rsqrt(var + _EPS)
         offset = jnp.zeros_like(scale)
         if self.bias:
             offset = offset + self.param("bias", nn.initializers.zeros, (1, 1, 1, channels)).reshape(1, -1)
@@ -90,7 +91,8 @@ class InstanceNorm2d(nn.Module):
     def __call__(self, x: Array) -> Array:
         channels = x.shape[-1]
         mean, var = instance_moments(x)
-        scale = jax.lax.rsqrt(var + _EPS) * self.param("scale", nn.initializers.ones, (1, 1, 1, channels)).reshape(1, -1)
+        scale = self.param("scale", nn.initializers.ones, (1, 1, 1, channels)).reshape(1, -1)
+        scale = scale * jax.lax.rsqrt(var + _EPS)
         offset = -mean * scale
         if self.bias:
             offset = offset + self.param("bias", nn.initializers.zeros, (1, 1, 1, channels)).reshape(1, -1)
@@ -147,7 +149,8 @@ class ConditionalInstanceNorm2dPlus(nn.Module):
             additive = jnp.zeros((shape[0], shape[1] - 2 * channels), dtype)
             return jnp.concatenate([multiplicative, additive], axis=-1)
 
-        embed = nn.Embed(num_embeddings=self.num_classes, features=n_params * channels, embedding_init=init_embedding)
+        embed = nn.Embed(num_embeddings=self.num_classes, features=n_params * channels,
+                         embedding_init=init_embedding)
         params = embed(y)
         gamma, alpha = params[:, :channels], params[:, channels:2 * channels]
         beta = params[:, 2 * channels:] if self.bias else 0.0

@@ -148,7 +148,7 @@ class _RefineNet(nn.Module):
 
 @register_model(name="ncsnv2_64")
 class NCSNv2(_RefineNet):
-    """NCSNv2 for images below 96 px: 4 stages (nf, 2nf, 2nf dilated ×2, 2nf dilated ×4), one 2× downsampling."""
+    """NCSNv2 for images below 96 px: 4 stages (nf, 2nf, 2nf dilated ×2, 2nf dilated ×4), one halving."""
 
 
 @register_model(name="ncsn")

@@ -52,14 +52,18 @@ def _output_add(block_x: Array, orig_x: Array) -> Array:
 
 
 class GaussianFourierProjection(nn.Module):
-    """Fixed random Fourier features of a scalar: (B,) -> (B, 2·embedding_size); ``W`` ~ N(0, scale²) is not trained."""
+    """Fixed random Fourier features of a scalar: (B,) -> (B, 2·embedding_size).
+
+    ``W`` ~ N(0, scale²) is a parameter but receives no gradient.
+    """
 
     embedding_size: int = 256
     scale: float = 1.0
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
-        w = jax.lax.stop_gradient(self.param("W", nn.initializers.normal(stddev=self.scale), (self.embedding_size,)))
+        w = self.param("W", nn.initializers.normal(stddev=self.scale), (self.embedding_size,))
+        w = jax.lax.stop_gradient(w)
         x_proj = x[:, None] * w[None, :] * (2 * np.pi)
         return jnp.concatenate([jnp.sin(x_proj), jnp.cos(x_proj)], axis=-1)
 
@@ -136,7 +140,8 @@ class WideResnet(nn.Module):
         temb = nn.Dense(128 * 4)(nn.swish(temb))
 
         k = self.channel_multiplier
-        x = nn.Conv(16, (3, 3), padding="SAME", name="init_conv", kernel_init=conv_kernel_init_fn, use_bias=False)(x)
+        x = nn.Conv(16, (3, 3), padding="SAME", name="init_conv", kernel_init=conv_kernel_init_fn,
+                    use_bias=False)(x)
         x = WideResnetGroup(self.blocks_per_group, 16 * k, activate_before_residual=True)(x, temb, train)
         x = WideResnetGroup(self.blocks_per_group, 32 * k, (2, 2))(x, temb, train)
         x = WideResnetGroup(self.blocks_per_group, 64 * k, (2, 2))(x, temb, train)

@@ -44,7 +44,8 @@ def ncsn_config_names() -> list[str]:
 
 
 def flat_shapes(tree) -> dict:
-    return {"/".join(k): tuple(v.shape) for k, v in flax.traverse_util.flatten_dict(flax.core.unfreeze(tree)).items()}
+    flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(tree))
+    return {"/".join(k): tuple(v.shape) for k, v in flat.items()}
 
 
 def traced_variables(model, x_shape: tuple, label_dtype=jnp.int32) -> dict:
@@ -116,7 +117,8 @@ def test_every_ncsn_config_initialises_at_full_size(name):
         # one conditional-normalisation class per noise level, in every block
         embeddings = {path: shape for path, shape in shapes.items() if path.endswith("Embed_0/embedding")}
         assert embeddings and all(shape[0] == config.model.num_scales for shape in embeddings.values())
-        assert shapes["params/ConditionalInstanceNorm2dPlus_0/Embed_0/embedding"] == (config.model.num_scales, 3 * nf)
+        top = shapes["params/ConditionalInstanceNorm2dPlus_0/Embed_0/embedding"]
+        assert top == (config.model.num_scales, 3 * nf)
 
 
 def test_classifier_param_tree_matches_original(golden_dir):
@@ -177,8 +179,10 @@ def _with_golden_noise(npz, init_variables) -> tuple[dict, dict]:
     """Re-create the golden's variables from ``init_variables`` (+ the README's noise, float16 rounding)."""
     flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(init_variables))
     noise = np.random.RandomState(11)
-    ours = {"/".join(k): (np.asarray(v) + 0.05 * noise.standard_normal(v.shape).astype(np.float32)).astype(np.float16)
-            for k, v in sorted(flat.items())}
+    ours = {}
+    for path, value in sorted(flat.items()):
+        noisy = np.asarray(value) + 0.05 * noise.standard_normal(value.shape).astype(np.float32)
+        ours["/".join(path)] = noisy.astype(np.float16)
     stored = {k[len("var/"):]: npz[k] for k in npz.files if k.startswith("var/")}
     return ours, stored
 
