@@ -105,20 +105,29 @@ def test_param_tree_matches_original(golden_dir, name):
     assert sum(math.prod(s) for s in ours.values()) == golden["num_params"] == 33_970_563
 
 
+def full_size_trees() -> dict:
+    path = pathlib.Path(__file__).parent / "golden" / "extra" / "ncsn_param_trees.json"
+    return json.loads(path.read_text())
+
+
+def test_full_size_tree_list_covers_every_ncsn_config():
+    assert sorted(full_size_trees()) == ncsn_config_names()
+
+
 @pytest.mark.parametrize("name", ncsn_config_names())
-def test_every_ncsn_config_initialises_at_full_size(name):
+def test_every_ncsn_config_initialises_at_full_size_as_the_original(name):
+    """Each ``ve/ncsn*`` config's model, traced at full size, has the original's parameter tree
+    (NCSNv1: the original with its one-line fix and num_classes = num_scales, see the extra README)."""
     config = load_config(name)
     assert config.model.name in NCSN_MODELS
     shapes = flat_shapes(traced_variables(mutils.create_model(config), mutils.model_input_shape(config)))
-    nf = config.model.nf
-    assert shapes["params/Conv_0/kernel"] == (3, 3, config.data.num_channels, nf)
-    assert shapes["params/Conv_1/kernel"] == (3, 3, nf, config.data.num_channels)
+    golden = full_size_trees()[name]
+    assert shapes == {path: tuple(shape) for path, shape in golden["variables"].items()}
+    assert sum(math.prod(s) for s in shapes.values()) == golden["num_params"]
     if config.model.name == "ncsn":
         # one conditional-normalisation class per noise level, in every block
         embeddings = {path: shape for path, shape in shapes.items() if path.endswith("Embed_0/embedding")}
         assert embeddings and all(shape[0] == config.model.num_scales for shape in embeddings.values())
-        top = shapes["params/ConditionalInstanceNorm2dPlus_0/Embed_0/embedding"]
-        assert top == (config.model.num_scales, 3 * nf)
 
 
 def test_classifier_param_tree_matches_original(golden_dir):
