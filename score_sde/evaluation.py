@@ -233,8 +233,9 @@ def classifier_score_from_logits(logits: np.ndarray) -> float:
         raise ValueError(f"logits must be 2-D (N, K); got shape {logits.shape}.")
     log_p = log_softmax(logits, axis=1)
     p = np.exp(log_p)
-    log_q = np.log(p.mean(axis=0))
-    kl = np.sum(p * (log_p - log_q), axis=1)
+    with np.errstate(divide="ignore", invalid="ignore"):  # a class no image gives any probability: terms are 0
+        log_q = np.log(p.mean(axis=0))
+        kl = np.sum(np.where(p > 0, p * (log_p - log_q), 0.0), axis=1)
     return float(np.exp(kl.mean()))
 
 

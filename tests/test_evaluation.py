@@ -25,6 +25,11 @@ def test_is_confident_distinct_classes_is_class_count(num_classes):
     assert evaluation.classifier_score_from_logits(logits) == pytest.approx(num_classes, rel=1e-9)
 
 
+def test_is_finite_with_extreme_logits():
+    logits = np.array([[2000.0, 0.0, -2000.0], [0.0, 2000.0, -2000.0]])  # class 2 underflows to probability 0
+    assert evaluation.classifier_score_from_logits(logits) == pytest.approx(2.0, rel=1e-12)
+
+
 def test_is_matches_definition():
     rng = np.random.default_rng(0)
     logits = rng.normal(size=(40, 6)) * 2
