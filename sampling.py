@@ -479,7 +479,8 @@ def denoise_update(rng: jax.Array, score_fn: ScoreFn, sde: sde_lib.SDE, x: jax.A
 
 def _check_solver(solver: str, denoise: bool, sde: sde_lib.SDE) -> None:
     if solver not in ode.SOLVERS:
-        raise ValueError(f"Unknown ODE solver {solver!r} (config.sampling.ode_solver); choose one of {list(ode.SOLVERS)}.")
+        raise ValueError(f"Unknown ODE solver {solver!r} (config.sampling.ode_solver); "
+                         f"choose one of {list(ode.SOLVERS)}.")
     if denoise and isinstance(sde, sde_lib.VPSDE):
         _require_valid_discrete_schedule(sde, "Denoising (config.sampling.noise_removal) with reverse diffusion")
 

@@ -20,7 +20,8 @@ def _dists():
     return {
         "iso": toy.IsotropicGaussian(0.3, 0.5, (3,)),
         "full": toy.Gaussian([0.5, -1.0, 0.2], COV),
-        "mix": toy.GaussianMixture([0.3, 0.7], [[-1.0, 0.5, 0.0], [1.5, 0.0, -0.5]], [COV * 0.3, np.diag([0.2, 0.1, 0.4])]),
+        "mix": toy.GaussianMixture([0.3, 0.7], [[-1.0, 0.5, 0.0], [1.5, 0.0, -0.5]],
+                                   [COV * 0.3, np.diag([0.2, 0.1, 0.4])]),
     }
 
 
@@ -90,7 +91,8 @@ def test_flow_map_solves_probability_flow_ode(sde_name):
         xt = dist.flow_map(sde, x0, t0, tv)
         deriv = (dist.flow_map(sde, x0, t0, tv + h) - dist.flow_map(sde, x0, t0, tv - h)) / (2 * h)
         drift = rsde.sde(xt, tv)[0]
-        np.testing.assert_allclose(np.asarray(deriv), np.asarray(drift), rtol=2e-2, atol=2e-2 * float(jnp.abs(drift).max()))
+        np.testing.assert_allclose(np.asarray(deriv), np.asarray(drift), rtol=2e-2,
+                                   atol=2e-2 * float(jnp.abs(drift).max()))
     back = dist.flow_map(sde, dist.flow_map(sde, x0, t0, jnp.full((4,), 0.9)), jnp.full((4,), 0.9), t0)
     np.testing.assert_allclose(np.asarray(back), np.asarray(x0), rtol=1e-4, atol=1e-4)
 
@@ -112,7 +114,8 @@ def test_sampling_and_classifier():
     np.testing.assert_allclose(np.asarray(post.sum(1)), 1.0, rtol=1e-5)
     lab = jnp.asarray([0, 1, 0, 1, 1, 0])
     auto = jax.grad(lambda y: dist.log_posterior(sde, y, t)[jnp.arange(6), lab].sum())(x[:6])
-    np.testing.assert_allclose(np.asarray(dist.classifier_grad(sde, x[:6], t, lab)), np.asarray(auto), rtol=1e-3, atol=1e-4)
+    np.testing.assert_allclose(np.asarray(dist.classifier_grad(sde, x[:6], t, lab)), np.asarray(auto),
+                               rtol=1e-3, atol=1e-4)
 
 
 def test_image_shaped_events_and_shape_errors():
