@@ -4,7 +4,8 @@ Benchmark model: ``configs/vp/cifar10_ddpmpp_continuous.py`` with ``nf=32, ch_mu
 num_res_blocks=2, attn_resolutions=(16,)``; batch 8 of 32×32×3; VPSDE(0.1, 20); initial weights
 from PRNGKey(1), as ``/work/shared/tools/perf_ref.py`` times the original code.
 
-Printed (``name value`` lines; every timing excludes compilation and is the minimum over repeats):
+Printed (one line per figure; every timing excludes compilation and is the minimum over repeats, in
+wall seconds and in CPU seconds of this process, the steadier figure on a shared machine):
 
 * ``score_eval`` — one jitted score evaluation (the floor any sampler pays per evaluation);
 * ``pc_N<N>`` — :func:`sampling.get_pc_sampler` with reverse diffusion + Langevin (snr 0.16,
@@ -47,15 +48,27 @@ def benchmark_config():
     return config
 
 
-def timed(fn, reps: int) -> float:
-    """Minimum wall time of ``reps`` calls after one warm-up call (compilation)."""
-    jax.block_until_ready(fn())
-    times = []
+def timed(fn, reps: int):
+    """Minimum wall and CPU (process) seconds of ``reps`` calls after one warm-up call (compilation),
+    and the last call's result.
+
+    CPU seconds are less disturbed than wall seconds when other processes share the cores.
+    """
+    out = jax.block_until_ready(fn())
+    walls, cpus = [], []
     for _ in range(reps):
-        start = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - start)
-    return min(times)
+        wall0, cpu0 = time.perf_counter(), time.process_time()
+        out = jax.block_until_ready(fn())
+        walls.append(time.perf_counter() - wall0)
+        cpus.append(time.process_time() - cpu0)
+    return (min(walls), min(cpus)), out
+
+
+def report(name: str, wall: float, cpu: float, nfe: int, floor: tuple[float, float], extra: str = "") -> None:
+    """One line: totals, NFE, seconds per evaluation and their ratio to one score evaluation (wall, CPU)."""
+    print(f"{name} total {wall:.2f} s nfe {nfe} per_eval {wall / nfe:.4f} s ratio_to_score_eval "
+          f"{wall / nfe / floor[0]:.3f} | cpu per_eval {cpu / nfe:.4f} s ratio {cpu / nfe / floor[1]:.3f}{extra}",
+          flush=True)
 
 
 def main() -> None:
@@ -78,8 +91,8 @@ def main() -> None:
     sde = sde_lib.VPSDE(0.1, 20.0, 1000)
     score_fn = mutils.get_score_fn(sde, model, params, {}, train=False, continuous=True)
     one_eval = jax.jit(lambda: score_fn(x, jnp.full((BATCH,), 0.5)))
-    floor = timed(one_eval, max(5, 3 * args.reps))
-    print(f"score_eval {floor:.4f} s", flush=True)
+    floor, _ = timed(one_eval, max(5, 3 * args.reps))
+    print(f"score_eval wall {floor[0]:.4f} s cpu {floor[1]:.4f} s", flush=True)
 
     state = mutils.State(step=0, params=params, opt_state={}, lr=0.0, model_state={}, ema_rate=0.0,
                          params_ema=params, rng=jax.random.PRNGKey(0))
@@ -91,22 +104,17 @@ def main() -> None:
     pc = sampling.get_pc_sampler(sde_n, model, shape, sampling.get_predictor("reverse_diffusion"),
                                  sampling.get_corrector("langevin"), lambda v: v, 0.16, n_steps=1,
                                  probability_flow=False, continuous=True, denoise=True, eps=1e-3)
-    total = timed(lambda: pc(prng, pstate)[0], args.reps)
-    nfe = pc(prng, pstate)[1]
-    per_eval = total / nfe
-    print(f"pc_N{args.n} total {total:.2f} s nfe {nfe} per_eval {per_eval:.4f} s "
-          f"ratio_to_score_eval {per_eval / floor:.3f} (goal <= 1.1; original per_eval {ORIGINAL_PC_PER_EVAL})",
-          flush=True)
+    (wall, cpu), (_, nfe) = timed(lambda: pc(prng, pstate), args.reps)
+    report(f"pc_N{args.n}", wall, cpu, nfe, floor,
+           f" (goal <= 1.1; original per_eval {ORIGINAL_PC_PER_EVAL} s)")
 
     if args.skip_ode:
         return
     for solver in ("jax", "scipy"):
         ode = sampling.get_ode_sampler(sde, model, shape, lambda v: v, denoise=False, rtol=args.rtol,
                                        atol=args.atol, method="RK45", eps=1e-3, solver=solver)
-        total = timed(lambda: ode(prng, pstate)[0], args.reps)
-        nfe = ode(prng, pstate)[1]
-        print(f"ode_{solver} rtol {args.rtol:g} atol {args.atol:g} total {total:.2f} s nfe {nfe} "
-              f"per_nfe {total / nfe:.4f} s ratio_to_score_eval {total / nfe / floor:.3f}", flush=True)
+        (wall, cpu), (_, nfe) = timed(lambda: ode(prng, pstate), args.reps)
+        report(f"ode_{solver}_rtol{args.rtol:g}_atol{args.atol:g}", wall, cpu, nfe, floor)
 
 
 if __name__ == "__main__":
