@@ -175,7 +175,8 @@ def test_eval_kill_and_resume(trained):
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.time() + 600
-        while not (eval_dir / "test_ckpt_2_bpd_1.npz").exists():
+        meta_file = eval_dir / "meta_0.json"
+        while not (meta_file.exists() and json.loads(meta_file.read_text())["bpd_rounds_done"] >= 2):
             assert proc.poll() is None, proc.stderr.read()[-3000:]
             assert time.time() < deadline
             time.sleep(0.05)
