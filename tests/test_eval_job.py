@@ -130,7 +130,8 @@ def test_evaluate_end_to_end(trained):
     samples = np.load(eval_dir / "ckpt_2_host_0" / "samples_0.npz")["samples"]
     assert samples.dtype == np.uint8 and samples.shape == (297, 8, 8, 1)
     report = np.load(eval_dir / "report_2.npz")
-    assert report["fid"] > 0 and report["kid"] == pytest.approx(report["kid"]) and report["IS"] >= 1
+    assert report["fid"] > 0 and np.isfinite(report["kid"]) and 1 <= report["IS"] <= 10  # stand-in: 10 classes
+    assert int(report["num_samples"]) == 60  # config.eval.num_samples of the 297 drawn
     row = summary["checkpoints"]["2"]
     assert "FID (stand-in features)" in row and "FID" not in row
     assert row["FID (stand-in features)"] == pytest.approx(float(report["fid"]))
