@@ -22,8 +22,8 @@ def get_default_configs() -> ml_collections.ConfigDict:
     # training
     training = config.training
     training.batch_size = 64
-    training.n_iters = 2500
-    training.snapshot_freq = 1250
+    training.n_iters = 1500
+    training.snapshot_freq = 1500
     training.log_freq = 50
     training.eval_freq = 250
     training.snapshot_freq_for_preemption = 250
@@ -34,10 +34,10 @@ def get_default_configs() -> ml_collections.ConfigDict:
     sampling = config.sampling
     sampling.ode_solver = 'jax'
 
-    # evaluation: the numbered checkpoints 1..2 of a default run; loss on the held-out digits.
+    # evaluation: the numbered checkpoint of a default run; loss on the held-out digits.
     evaluate = config.eval
     evaluate.begin_ckpt = 1
-    evaluate.end_ckpt = 2
+    evaluate.end_ckpt = 1
     evaluate.batch_size = 64
     evaluate.num_samples = 256
     evaluate.enable_sampling = False

@@ -53,6 +53,8 @@ def get_default_configs() -> ml_collections.ConfigDict:
     # New: local directory of the Inception SavedModel used for FID/IS/KID
     # (None = download it from TF-Hub); a typed placeholder so the command line can set it.
     evaluate.inception_path = ml_collections.config_dict.placeholder(str)
+    # Folder of the dataset statistics files (<dataset>_stats.npz); None = assets/stats.
+    evaluate.stats_dir = ml_collections.config_dict.placeholder(str)
 
     # data
     config.data = data = ml_collections.ConfigDict()

@@ -51,6 +51,7 @@ def get_config():
     evaluate.enable_bpd = False  # added
     evaluate.bpd_dataset = 'test'  # added
     evaluate.inception_path = ml_collections.config_dict.placeholder(str)  # added
+    evaluate.stats_dir = ml_collections.config_dict.placeholder(str)  # added
 
     # data
     config.data = data = ml_collections.ConfigDict()
