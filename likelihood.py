@@ -48,7 +48,7 @@ against its mean or against ``atol``, tighten them (see ``score_sde.ode``).
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -91,9 +91,11 @@ def get_drift_div_fn(fn: DriftFn, hutchinson_type: str = "Rademacher"):
             not interact (no cross-batch statistics), which holds for score models in eval mode.
         hutchinson_type: 'Rademacher' or 'Gaussian' (one ``jax.jvp``: the primal is the drift,
             ``v·(J v)`` the estimate), or 'exact' (``jax.linearize`` then one JVP per dimension,
-            vmapped: exact trace at ``D`` times the cost of a JVP and ``D`` times the memory;
-            affordable for toy data and small images, up to ``EXACT_TRACE_MAX_DIM`` = 4096
-            dimensions — CIFAR-10's 3072 already costs ~3072 network JVPs per NFE).
+            vmapped: the exact trace for ``D`` times the compute and activation memory of one
+            JVP). Affordable for analytic scores up to thousands of dimensions and for networks
+            on tiny inputs (a few hundred dimensions, e.g. 2-D toys or 8×8 images); a CIFAR-10
+            network (D = 3072) would need ~3072 JVPs and ~3072× the activation memory per NFE —
+            use 'Rademacher' there. Refused above ``EXACT_TRACE_MAX_DIM`` = 4096.
 
     Returns:
         ``drift_div(x, t, noise) -> (drift (batch, ...), div (batch,))``; ``noise`` is the probe

@@ -11,8 +11,7 @@ N(0, 1) on every leaf; data ``0.5 · N(0, 1)``; identity inverse scaler.
 
 Solvers timed:
 * ``scipy`` — :func:`likelihood.get_likelihood_fn` with ``solver='scipy'`` (RK45, the original's
-  host loop, our single-JVP right-hand side); timed on a second run (the first compiles), or with
-  ``--once`` on the first run minus the floor's compile time.
+  host loop, our single-JVP right-hand side); timed on a second run (the first compiles).
 * ``jax`` — the whole solve compiled into one program (``solver='jax'``, default dop853 with the
   max error norm), compiled ahead of time so that compilation is reported apart from the run;
   ``jax_dopri5`` the same with the original's RK45 pair and RMS norm.
@@ -81,7 +80,6 @@ def main() -> None:
     parser.add_argument("--solvers", default="scipy,jax", help="comma-separated: scipy, jax, jax_dopri5")
     parser.add_argument("--perturb", type=float, default=0.0, help="std of Gaussian noise added to every weight")
     parser.add_argument("--floor_reps", type=int, default=10)
-    parser.add_argument("--once", action="store_true", help="run the scipy solve once (long tolerances)")
     args = parser.parse_args()
 
     sde = sde_lib.VPSDE(0.1, 20.0, 1000)
@@ -128,22 +126,18 @@ def main() -> None:
     for solver in args.solvers.split(","):
         if solver == "scipy":
             lf = likelihood.get_likelihood_fn(sde, model, lambda v: v, rtol=args.rtol, atol=args.atol, solver="scipy")
-            runs = []
-            for _ in range(1 if args.once else 2):  # the first run includes compiling the pmapped drift + div
+            for attempt in ("first", "second"):  # the first run includes compiling the pmapped drift + div
                 box = {}
 
                 def run():
                     box["out"] = lf(prng, pstate, pdata)
                     return box["out"][0]
 
-                runs.append(timed(run))
+                wall, cpu = timed(run)
+                if attempt == "first":
+                    print(f"scipy_RK45 first run incl. compile: wall {wall:.2f} s cpu {cpu:.2f} s", flush=True)
             bpd, _, nfe = box["out"]
-            wall, cpu = runs[-1]
-            if len(runs) > 1:
-                note = "second run"
-            else:
-                wall, cpu = wall - floor_compile, cpu - floor_compile
-                note = f"first run minus ~{floor_compile:.1f} s compile"
+            note = "second run"
             report("scipy_RK45", tol, wall, cpu, nfe, floor, floor_cpu, note, bpd)
             continue
         method = {"jax": None, "jax_dopri5": "dopri5"}.get(solver, "unknown")
