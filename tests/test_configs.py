@@ -169,7 +169,8 @@ def test_paper_values(relpath, field, value):
 
 # --------------------------------------------------------------------------- all 42 against the original
 # Deliberate differences from the original files (documented in the files themselves).
-NEW_FIELDS = {'sampling.ode_solver', 'sampling.ode_rtol', 'sampling.ode_atol', 'data.data_dir', 'eval.inception_path'}
+NEW_FIELDS = {'sampling.ode_solver', 'sampling.ode_rtol', 'sampling.ode_atol', 'data.data_dir', 'eval.inception_path',
+              'eval.stats_dir'}
 STANDALONE_ADDED = NEW_FIELDS | {'training.n_jitted_steps', 'eval.enable_sampling', 'eval.enable_loss',
                                  'eval.enable_bpd', 'eval.bpd_dataset', 'model.beta_min', 'model.beta_max'}
 ADDED = {'ve/celebahq_ncsnpp_continuous.py': STANDALONE_ADDED, 've/ffhq_ncsnpp_continuous.py': STANDALONE_ADDED,
