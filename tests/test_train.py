@@ -27,7 +27,7 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 # A tiny DDPM++ on the embedded digits: compiles and steps in seconds on a CPU.
 TINY_OVERRIDES = {
     "training.batch_size": 8,
-    "training.n_jitted_steps": 2,
+    "training.n_jitted_steps": 1,
     "training.log_freq": 2,
     "training.eval_freq": 4,
     "training.snapshot_freq_for_preemption": 4,
@@ -186,13 +186,13 @@ def test_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(tmp_path, mo
 
     def poisoned(ds, scaler):
         for i, batch in enumerate(real_batches(ds, scaler)):
-            if i == 3:  # the 4th call: steps 7-8, after the meta checkpoint at step 4
+            if i == 5:  # step 6, after the meta checkpoint at step 4
                 batch = {"image": np.full_like(batch["image"], np.nan)}
             yield batch
 
     monkeypatch.setattr(run_lib, "numpy_batches", poisoned)
     workdir = tmp_path / "run"
-    with pytest.raises(run_lib.TrainingDivergedError, match=r"loss is NaN or infinite after step 8.*checkpoint_1"):
+    with pytest.raises(run_lib.TrainingDivergedError, match=r"loss is NaN or infinite after step 6.*checkpoint_1"):
         run_lib.train(tiny_config(training__n_iters=20), str(workdir))
     assert os.listdir(workdir / "checkpoints-meta") == ["checkpoint_1"]
     _, template = losses.init_train_state(jax.random.PRNGKey(0), tiny_config())
