@@ -1,7 +1,6 @@
 """main.py: flag errors are one clear line; the README's main job writes samples and TensorBoard events."""
 from __future__ import annotations
 
-import os
 import pathlib
 import subprocess
 import sys
@@ -11,12 +10,11 @@ import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from test_train import tiny_flags  # noqa: E402
+from test_train import _env, tiny_flags  # noqa: E402
 
 
 def _main(*args: str, timeout: int = 120) -> subprocess.CompletedProcess:
-    env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=str(ROOT))
-    env.pop("XLA_FLAGS", None)
+    env = _env(cache=True)
     return subprocess.run([sys.executable, "main.py", *args], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=timeout)
 

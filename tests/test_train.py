@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 
@@ -59,9 +60,16 @@ def tiny_flags(**overrides) -> list[str]:
     return [f"--config.{k}={v!r}" if isinstance(v, tuple) else f"--config.{k}={v}" for k, v in values.items()]
 
 
-def _env(**extra) -> dict:
+# Subprocesses that run main.py share compiled programs through JAX's persistent cache
+# (keyed by the program's fingerprint, so a stale entry is never used for another program).
+COMPILATION_CACHE = os.path.join(tempfile.gettempdir(), "score_sde_tests_jax_cache")
+
+
+def _env(cache: bool = False, **extra) -> dict:
     env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=str(ROOT))
     env.pop("XLA_FLAGS", None)
+    if cache:
+        env.update(JAX_COMPILATION_CACHE_DIR=COMPILATION_CACHE, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
     env.update(extra)
     return env
 
@@ -276,7 +284,7 @@ def test_kill_9_then_resume_reaches_n_iters_without_corrupt_checkpoints(tmp_path
     cmd = [sys.executable, "main.py", "--config", "configs/vp/digits.py", "--workdir", str(workdir), "--mode",
            "train"] + tiny_flags(training__n_iters=n_iters, training__log_freq=20, training__eval_freq=100,
                                  training__snapshot_freq=200, training__snapshot_freq_for_preemption=10)
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(cache=True), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     meta_dir = workdir / "checkpoints-meta"
     deadline = time.time() + 400
     while time.time() < deadline and proc.poll() is None:
@@ -290,7 +298,7 @@ def test_kill_9_then_resume_reaches_n_iters_without_corrupt_checkpoints(tmp_path
     killed_at = int(checkpoints.restore_checkpoint(str(meta_dir), template).step)
     assert 10 <= killed_at < n_iters
 
-    out = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+    out = subprocess.run(cmd, cwd=ROOT, env=_env(cache=True), capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     log = (workdir / "stdout.txt").read_text()
     resumed_from = [int(line.split("at step ")[1].split()[0]) for line in log.splitlines()
