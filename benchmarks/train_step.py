@@ -3,8 +3,8 @@
 The benchmark model: ``configs/vp/cifar10_ddpmpp_continuous.py`` with ``nf=32``, ``ch_mult=(1, 2, 2)``,
 ``num_res_blocks=2``, ``attn_resolutions=(16,)`` (1,754,147 parameters), 32×32×3 images, global batch 8,
 VP SDE. Each figure is min / median over repeated calls after compilation, for the pmapped train
-step as ``run_lib.train`` runs it: one step per call (``n_jitted_steps=1``) and ``n`` steps fused with
-``lax.scan`` (``--fused``, per step). Two devices are CPU "devices" made by
+step as ``run_lib.train`` runs it: one step per call (``n_jitted_steps=1``) and ``n`` steps fused into one call
+(``run_lib.fuse_steps``; ``--fused``, per step). Two devices are CPU "devices" made by
 ``XLA_FLAGS=--xla_force_host_platform_device_count=2`` in a subprocess (the same two cores, so
 this shows the cost of data parallelism, not a speed-up).
 
