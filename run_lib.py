@@ -16,7 +16,6 @@ and every process writes its own snapshot samples (``iter_<step>_host_<p>.png`` 
 """
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import os
@@ -181,9 +180,11 @@ def _train(config, workdir, sample_dir, tb_dir, checkpoint_dir, checkpoint_meta_
     is_main = parallel.is_main_process()
     writer = metric_writers.create_default_writer(tb_dir, just_logging=not is_main)
 
-    # Model, optimizer and state; resume from the latest meta checkpoint when there is one.
+    # Model, optimizer and state; resume from the latest meta checkpoint when there is one, else
+    # from the latest numbered checkpoint (e.g. a workdir of the original code's released runs).
     model, state = losses.init_train_state(jax.random.PRNGKey(config.seed), config)
-    state = checkpoints.restore_checkpoint(checkpoint_meta_dir, state)
+    resume_dir = checkpoint_meta_dir if checkpoints.latest_checkpoint(checkpoint_meta_dir) else checkpoint_dir
+    state = checkpoints.restore_checkpoint(resume_dir, state)
     initial_step = int(state.step)
     rng = state.rng
 
@@ -399,11 +400,7 @@ def evaluate(config, workdir: str, eval_folder: str = "eval", feature_extractor=
     global_batch = config.eval.batch_size
 
     if config.eval.enable_loss:
-        optimize_fn = losses.optimization_manager(config)
-        eval_step = losses.get_step_fn(sde, score_model, train=False, optimize_fn=optimize_fn,
-                                       reduce_mean=config.training.reduce_mean, continuous=config.training.continuous,
-                                       likelihood_weighting=config.training.likelihood_weighting)
-        p_eval_step = parallel.pmap(functools.partial(jax.lax.scan, eval_step))
+        p_eval_step = make_train_and_eval_steps(config, sde, score_model)[1]
         loss_images = _eval_images(config, "test")
         num_loss_batches = len(loss_images) // global_batch
         if num_loss_batches == 0:

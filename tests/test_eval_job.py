@@ -250,9 +250,7 @@ run_lib.train(config, {workdir!r})
 @pytest.mark.slow
 @pytest.mark.parametrize("folder", [
     "checkpoints-meta",
-    pytest.param("checkpoints", marks=pytest.mark.xfail(
-        strict=True, reason="run_lib.train resumes only from checkpoints-meta/; a workdir of the original holding "
-                            "only checkpoints/checkpoint_<n> starts from step 0 (needs a fallback in train)")),
+    "checkpoints",
 ])
 def test_train_resumes_from_original_checkpoint(golden_dir, tmp_path, folder):
     """A workdir holding the original's checkpoint_26: training continues from step 260000 with its Adam moments."""
