@@ -34,20 +34,11 @@ import numpy as np  # noqa: E402
 
 import likelihood  # noqa: E402
 import sde_lib  # noqa: E402
-from configs.vp import cifar10_ddpmpp_continuous  # noqa: E402
+from benchmarks.common import benchmark_config  # noqa: E402
 from models import utils as mutils  # noqa: E402
 from score_sde import parallel  # noqa: E402
 
 BATCH = 8
-
-
-def benchmark_config():
-    config = cifar10_ddpmpp_continuous.get_config()
-    config.model.nf = 32
-    config.model.ch_mult = (1, 2, 2)
-    config.model.num_res_blocks = 2
-    config.model.attn_resolutions = (16,)
-    return config
 
 
 def build(perturb: float):

@@ -33,11 +33,10 @@ import numpy as np  # noqa: E402
 import losses  # noqa: E402
 import sde_lib  # noqa: E402
 from configs.ve import cifar10_ncsnpp_continuous  # noqa: E402
-from configs.vp import cifar10_ddpmpp_continuous  # noqa: E402
+from benchmarks.common import BENCHMARK_DDPMPP_PARAMS, benchmark_config, shrink  # noqa: E402
 from models import utils as mutils  # noqa: E402
 
 BATCH = 8
-BENCHMARK_DDPMPP_PARAMS = 1_754_147
 # (min, median) seconds from /work/shared/ANCHORS.md (first table).
 ANCHORS = {
     ("ddpmpp", "fwd"): {"original_jax": (0.096, 0.100), "pytorch": (0.059, 0.061)},
@@ -45,19 +44,10 @@ ANCHORS = {
 }
 
 
-def shrink(config):
-    """The benchmark size: nf=32, ch_mult=(1, 2, 2), num_res_blocks=2, attn_resolutions=(16,)."""
-    config.model.nf = 32
-    config.model.ch_mult = (1, 2, 2)
-    config.model.num_res_blocks = 2
-    config.model.attn_resolutions = (16,)
-    return config
-
-
 def build(name: str):
     """(config, model, params, sde, time conditioning for the forward pass) of a benchmark model."""
     if name == "ddpmpp":
-        config = shrink(cifar10_ddpmpp_continuous.get_config())
+        config = benchmark_config()
         sde = sde_lib.VPSDE(0.1, 20.0, 1000)
         cond = jnp.full((BATCH,), 500.0)  # 999·t
     elif name == "ncsnpp":

@@ -34,10 +34,9 @@ def benchmark_config(path: str):
     spec.loader.exec_module(module)
     config = module.get_config()
     if os.path.basename(path) == "cifar10_ddpmpp_continuous.py":
-        config.model.nf = 32
-        config.model.ch_mult = (1, 2, 2)
-        config.model.num_res_blocks = 2
-        config.model.attn_resolutions = (16,)
+        from benchmarks.common import shrink
+
+        config = shrink(config)
     return config
 
 
