@@ -13,7 +13,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 from test_train import _env, tiny_flags  # noqa: E402
 
 
-def _main(*args: str, timeout: int = 120) -> subprocess.CompletedProcess:
+def _main(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
     env = _env(cache=True)
     return subprocess.run([sys.executable, "main.py", *args], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=timeout)
@@ -50,7 +50,7 @@ def test_main_job_writes_sample_grids_and_tensorboard_events(tmp_path):
 
     workdir = tmp_path / "digits"
     out = _main("--config", "configs/vp/digits.py", "--workdir", str(workdir), "--mode", "train",
-                *tiny_flags(training__snapshot_sampling=True), timeout=900)
+                *tiny_flags(training__snapshot_sampling=True), timeout=1800)
     assert out.returncode == 0, out.stderr[-3000:]
     pngs = sorted(p.name for p in (workdir / "samples").glob("*.png"))
     assert pngs == ["iter_8.png"]

@@ -342,5 +342,5 @@ def test_corrector_averages_step_size_over_devices():
     root = pathlib.Path(__file__).resolve().parents[1]
     env = {**os.environ, "PYTHONPATH": str(root)}
     result = subprocess.run([sys.executable, "-c", _TWO_DEVICE_SCRIPT], cwd=root, env=env, capture_output=True,
-                            text=True, timeout=300)
+                            text=True, timeout=1200)
     assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-3000:]
