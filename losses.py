@@ -278,7 +278,7 @@ def init_train_state(rng: jax.Array, config):
     """
     rng, init_rng = jax.random.split(rng)
     model, init_model_state, initial_params = mutils.init_model(init_rng, config)
-    state = mutils.State(step=0, params=initial_params, opt_state=get_optimizer(config).init(initial_params),
+    state = mutils.State(step=0, params=initial_params, opt_state=jax.jit(get_optimizer(config).init)(initial_params),
                          lr=config.optim.lr, model_state=init_model_state, ema_rate=config.model.ema_rate,
                          params_ema=initial_params, rng=rng)
     return model, state

@@ -129,7 +129,10 @@ def init_model(rng: jax.Array, config):
     fake_input = jnp.zeros(model_input_shape(config))
     fake_label = jnp.zeros((1,), dtype=jnp.int32)
     params_rng, dropout_rng = jax.random.split(rng)
-    variables = model.init({"params": params_rng, "dropout": dropout_rng}, fake_input, fake_label, train=False)
+    # Compiled as one program: run op by op, every initializer of every distinct shape compiles
+    # on its own (minutes on a CPU for a model of ~50 convolutions).
+    init = jax.jit(functools.partial(model.init, train=False))
+    variables = init({"params": params_rng, "dropout": dropout_rng}, fake_input, fake_label)
     variables = flax.core.unfreeze(variables)
     initial_params = variables.pop("params")
     return model, variables, initial_params

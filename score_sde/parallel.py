@@ -70,9 +70,11 @@ def pmean_if_bound(x: Any) -> Any:
 
 def replicate(tree: Any) -> Any:
     """Copy a pytree to every local device (adds the leading device axis)."""
-    # jax.device_put_replicated is removed in jax 0.10; this is its documented replacement.
+    # jax.device_put_replicated is removed in jax 0.10; this is its documented replacement. The
+    # sharding is the one pmap gives its outputs (a mesh axis named like the collective axis):
+    # with any other, the first call's inputs differ from later calls' and the step compiles twice.
     devices = jax.local_devices()
-    sharding = jax.NamedSharding(jax.sharding.Mesh(np.array(devices), ("replica",)), jax.P("replica"))
+    sharding = jax.NamedSharding(jax.sharding.Mesh(np.array(devices), (AXIS_NAME,)), jax.P(AXIS_NAME))
     return jax.tree_util.tree_map(lambda x: jax.device_put(np.stack([np.asarray(x)] * len(devices)), sharding), tree)
 
 
