@@ -21,18 +21,14 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 def _tiny_digits_config(tmp_root: pathlib.Path):
-    """A digits config small enough for tests: tiny DDPM++, 2 numbered checkpoints after 10 steps."""
-    from configs.vp import digits
+    """test_train's tiny digits DDPM++ (the same compiled train step), 2 numbered checkpoints after 10 steps."""
+    from test_train import tiny_config
 
-    c = digits.get_config()
+    c = tiny_config()
     c.training.n_iters = 10
-    c.training.batch_size = 16
     c.training.snapshot_freq = 5
     c.training.snapshot_freq_for_preemption = 5
     c.training.eval_freq = 1000  # no eval step to compile during training
-    c.training.snapshot_sampling = False
-    c.model.nf = 8
-    c.model.num_res_blocks = 1
     c.model.num_scales = 20
     c.sampling.ode_solver = "scipy"
     c.eval.begin_ckpt = 2

@@ -14,7 +14,7 @@ from test_train import _env, tiny_flags  # noqa: E402
 
 
 def _main(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
-    env = _env(cache=True)
+    env = _env()
     return subprocess.run([sys.executable, "main.py", *args], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=timeout)
 

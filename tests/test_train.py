@@ -8,7 +8,6 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import textwrap
 import time
 
@@ -60,16 +59,10 @@ def tiny_flags(**overrides) -> list[str]:
     return [f"--config.{k}={v!r}" if isinstance(v, tuple) else f"--config.{k}={v}" for k, v in values.items()]
 
 
-# Subprocesses that run main.py share compiled programs through JAX's persistent cache
-# (keyed by the program's fingerprint, so a stale entry is never used for another program).
-COMPILATION_CACHE = os.path.join(tempfile.gettempdir(), "score_sde_tests_jax_cache")
-
-
-def _env(cache: bool = False, **extra) -> dict:
+def _env(**extra) -> dict:
+    """This environment (with conftest's compilation cache) for a subprocess on the CPU, the repository importable."""
     env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=str(ROOT))
     env.pop("XLA_FLAGS", None)
-    if cache:
-        env.update(JAX_COMPILATION_CACHE_DIR=COMPILATION_CACHE, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
     env.update(extra)
     return env
 
@@ -164,6 +157,29 @@ def _steps_in_log(workdir) -> list[int]:
     return [int(line.split("step ")[1].split("/")[0]) for line in text.splitlines() if "| training_loss" in line]
 
 
+def test_fused_steps_equal_the_steps_one_after_another():
+    """run_lib.fuse_steps: n steps in one call give the carries and losses of n single calls."""
+
+    def step_fn(carry, batch):
+        rng, w = carry
+        rng, noise_rng = jax.random.split(rng)
+        x = batch["image"] + jax.random.normal(noise_rng, batch["image"].shape)
+        loss = jnp.mean((x * w) ** 2)
+        return (rng, w - 0.1 * jax.grad(lambda v: jnp.mean((x * v) ** 2))(w)), loss
+
+    batches = {"image": jax.random.normal(jax.random.PRNGKey(1), (3, 4, 2))}
+    carry = (jax.random.PRNGKey(0), jnp.ones(2))
+    fused_carry, fused_losses = jax.jit(run_lib.fuse_steps(step_fn))(carry, batches)
+    one_by_one = []
+    for i in range(3):
+        carry, loss = step_fn(carry, {"image": batches["image"][i]})
+        one_by_one.append(loss)
+    assert fused_losses.shape == (3,)
+    np.testing.assert_allclose(np.asarray(fused_losses), np.asarray(one_by_one), rtol=1e-6)
+    np.testing.assert_array_equal(np.asarray(fused_carry[0]), np.asarray(carry[0]))
+    np.testing.assert_allclose(np.asarray(fused_carry[1]), np.asarray(carry[1]), rtol=1e-6)
+
+
 def test_train_writes_checkpoints_summaries_config_and_resumes(tmp_path):
     workdir = tmp_path / "run"
     run_lib.train(tiny_config(), str(workdir))
@@ -226,12 +242,18 @@ DATA_PARALLEL_SCRIPT = textwrap.dedent("""
     model, state = losses.init_train_state(jax.random.PRNGKey(0), config)
     sde, _ = sde_lib.get_sde(config)
     p_train_step, _ = run_lib.make_train_and_eval_steps(config, sde, model)
+    # Two calls of one step each (config.training.n_jitted_steps = 1: the program run_lib.train
+    # compiles, so the compilation cache serves it; fusing is tested in test_losses.py).
     n_steps, per_device = 2, 4
     images = np.asarray(jax.random.uniform(jax.random.PRNGKey(1), (2, n_steps, per_device, 8, 8, 1)) * 2 - 1)
     keys = jax.random.split(jax.random.PRNGKey(2), 2)
-    (_, pstate), ploss = p_train_step((keys, parallel.replicate(state)), {'image': images})
+    carry, ploss = (keys.copy(), parallel.replicate(state)), []  # a copy: the carry is donated
+    for s in range(n_steps):
+        carry, step_loss = p_train_step(carry, {'image': images[:, s:s + 1]})
+        ploss.append(np.asarray(step_loss)[:, 0])
+    ploss = np.stack(ploss, axis=1)
     replicas_equal = all(bool(np.array_equal(np.asarray(x)[0], np.asarray(x)[1]))
-                         for x in jax.tree_util.tree_leaves(pstate))
+                         for x in jax.tree_util.tree_leaves(carry[1]))
 
     # The same two steps on ONE device: each half of the global batch with its device's key,
     # gradients averaged, then the optimizer and EMA (what data parallelism must compute).
@@ -251,7 +273,7 @@ DATA_PARALLEL_SCRIPT = textwrap.dedent("""
         ema = jax.tree_util.tree_map(lambda e, p: e * ref.ema_rate + p * (1 - ref.ema_rate), ref.params_ema, params)
         ref = ref.replace(step=ref.step + 1, params=params, opt_state=opt_state, params_ema=ema)
         ref_losses.append(np.mean(step_losses))
-    got = parallel.unreplicate(pstate)
+    got = parallel.unreplicate(carry[1])
     diff = max(float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
                for a, b in zip(jax.tree_util.tree_leaves((got.params, got.params_ema)),
                                jax.tree_util.tree_leaves((ref.params, ref.params_ema))))
@@ -284,7 +306,7 @@ def test_kill_9_then_resume_reaches_n_iters_without_corrupt_checkpoints(tmp_path
     cmd = [sys.executable, "main.py", "--config", "configs/vp/digits.py", "--workdir", str(workdir), "--mode",
            "train"] + tiny_flags(training__n_iters=n_iters, training__log_freq=20, training__eval_freq=100,
                                  training__snapshot_freq=200, training__snapshot_freq_for_preemption=10)
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(cache=True), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     meta_dir = workdir / "checkpoints-meta"
     deadline = time.time() + 1200
     while time.time() < deadline and proc.poll() is None:
@@ -298,7 +320,7 @@ def test_kill_9_then_resume_reaches_n_iters_without_corrupt_checkpoints(tmp_path
     killed_at = int(checkpoints.restore_checkpoint(str(meta_dir), template).step)
     assert 10 <= killed_at < n_iters
 
-    out = subprocess.run(cmd, cwd=ROOT, env=_env(cache=True), capture_output=True, text=True, timeout=1800)
+    out = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=1800)
     assert out.returncode == 0, out.stderr[-3000:]
     log = (workdir / "stdout.txt").read_text()
     resumed_from = [int(line.split("at step ")[1].split()[0]) for line in log.splitlines()
@@ -328,7 +350,7 @@ MULTI_PROCESS_SCRIPT = textwrap.dedent("""
     import losses, run_lib, sde_lib
     from test_train import tiny_config
 
-    # 1) Two fused train steps on a fixed global batch of 2 x 4 examples, device d gets half d.
+    # 1) Two train steps on a fixed global batch of 2 x 4 examples, device d gets half d.
     config = tiny_config()
     model, state = losses.init_train_state(jax.random.PRNGKey(0), config)
     sde, _ = sde_lib.get_sde(config)
@@ -337,7 +359,10 @@ MULTI_PROCESS_SCRIPT = textwrap.dedent("""
     keys = np.asarray(jax.random.split(jax.random.PRNGKey(2), 2))
     first = parallel.process_index() * parallel.local_device_count()
     mine = slice(first, first + parallel.local_device_count())
-    (_, pstate), _ = p_train_step((keys[mine], parallel.replicate(state)), {'image': images[mine]})
+    carry = (keys[mine], parallel.replicate(state))
+    for s in range(2):  # one step per call, as run_lib.train below (one compilation serves both)
+        carry, _ = p_train_step(carry, {'image': images[mine, s:s + 1]})
+    pstate = carry[1]
     step_params = [np.asarray(x).tolist() for x in jax.tree_util.tree_leaves(parallel.unreplicate(pstate).params)]
 
     # 2) run_lib.train with real data: every process its own workdir, to see who writes.
@@ -356,9 +381,13 @@ def _free_port() -> int:
 @pytest.mark.slow
 def test_two_processes_train_together_and_equal_one_process_with_two_devices(tmp_path):
     port = _free_port()
+    # Without the compilation cache: a process served by the cache while the other compiles would
+    # reach the first cross-process collective > 30 s earlier, gloo's fixed setup deadline.
+    uncached = _env()
+    uncached.pop("JAX_COMPILATION_CACHE_DIR", None)
     procs = [subprocess.Popen([sys.executable, "-c", MULTI_PROCESS_SCRIPT, str(i), "2", str(port),
                                str(tmp_path / f"work{i}"), str(tmp_path / f"out{i}.json")],
-                              cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                              cwd=ROOT, env=uncached, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for i in range(2)]
     single = subprocess.run([sys.executable, "-c", MULTI_PROCESS_SCRIPT, "0", "1", "0", str(tmp_path / "single"),
                              str(tmp_path / "single.json")], cwd=ROOT, capture_output=True, text=True, timeout=1800,
