@@ -20,7 +20,7 @@ import losses
 import run_lib
 from configs.vp import digits
 from models import utils as mutils
-from score_sde import checkpoints, reporting
+from score_sde import checkpoints, parallel, reporting
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
@@ -155,6 +155,15 @@ def test_progress_line_rate_and_eta():
 def _steps_in_log(workdir) -> list[int]:
     text = (pathlib.Path(workdir) / "stdout.txt").read_text()
     return [int(line.split("step ")[1].split("/")[0]) for line in text.splitlines() if "| training_loss" in line]
+
+
+def test_replicated_state_has_the_sharding_pmap_returns():
+    """Otherwise the train step's first call (replicated state) and later calls (its own outputs) compile twice."""
+    step = parallel.pmap(lambda tree: jax.tree_util.tree_map(lambda x: x + 1, tree))
+    replicated = parallel.replicate({"w": jnp.ones(3), "step": 0})
+    out = step(replicated)
+    for before, after in zip(jax.tree_util.tree_leaves(replicated), jax.tree_util.tree_leaves(out)):
+        assert before.sharding == after.sharding
 
 
 def test_fused_steps_equal_the_steps_one_after_another():
