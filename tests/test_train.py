@@ -252,7 +252,7 @@ DATA_PARALLEL_SCRIPT = textwrap.dedent("""
     sde, _ = sde_lib.get_sde(config)
     p_train_step, _ = run_lib.make_train_and_eval_steps(config, sde, model)
     # Two calls of one step each (config.training.n_jitted_steps = 1: the program run_lib.train
-    # compiles, so the compilation cache serves it; fusing is tested in test_losses.py).
+    # compiles, so the compilation cache serves it; fuse_steps has its own test above).
     n_steps, per_device = 2, 4
     images = np.asarray(jax.random.uniform(jax.random.PRNGKey(1), (2, n_steps, per_device, 8, 8, 1)) * 2 - 1)
     keys = jax.random.split(jax.random.PRNGKey(2), 2)
