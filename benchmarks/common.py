@@ -1,4 +1,4 @@
-"""What the benchmark scripts share: the benchmark DDPM++ of ``/work/shared/ANCHORS.md``."""
+"""What the benchmark scripts share: the benchmark DDPM++ of ``docs/performance.md`` (anchors)."""
 from configs.vp import cifar10_ddpmpp_continuous
 
 BENCHMARK_DDPMPP_PARAMS = 1_754_147

@@ -4,7 +4,7 @@ Models (batch 8 of 32×32×3, float32, CPU):
 
 * ``ddpmpp`` — the benchmark DDPM++: ``configs/vp/cifar10_ddpmpp_continuous.py`` with
   ``nf=32, ch_mult=(1, 2, 2), num_res_blocks=2, attn_resolutions=(16,)`` (1,754,147 parameters),
-  VPSDE(0.1, 20, 1000). Anchors (``/work/shared/ANCHORS.md``, min / median seconds): the original JAX
+  VPSDE(0.1, 20, 1000). Anchors (``docs/performance.md``, min / median seconds): the original JAX
   code and its PyTorch port on this kind of 2-core CPU.
 * ``ncsnpp`` — a small NCSN++ VE: ``configs/ve/cifar10_ncsnpp_continuous.py`` (FIR resampling,
   Fourier embedding, residual input pyramid) shrunk the same way; VESDE(0.01, 50). No anchor.
@@ -37,7 +37,7 @@ from benchmarks.common import BENCHMARK_DDPMPP_PARAMS, benchmark_config, shrink 
 from models import utils as mutils  # noqa: E402
 
 BATCH = 8
-# (min, median) seconds from /work/shared/ANCHORS.md (first table).
+# (min, median) seconds: the anchors of docs/performance.md (first table).
 ANCHORS = {
     ("ddpmpp", "fwd"): {"original_jax": (0.096, 0.100), "pytorch": (0.059, 0.061)},
     ("ddpmpp", "fwd_bwd"): {"original_jax": (0.331, 0.404), "pytorch_full_step": (0.253, 0.296)},

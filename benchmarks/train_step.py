@@ -10,7 +10,7 @@ this shows the cost of data parallelism, not a speed-up).
 
     python benchmarks/train_step.py [--reps 10] [--fused 5] [--devices 1,2] [--config PATH] [--batch 8]
 
-Anchors (this kind of 2-core CPU, see shared/ANCHORS.md): PyTorch port full step 0.253 s min /
+Anchors (this kind of 2-core CPU, see docs/performance.md): PyTorch port full step 0.253 s min /
 0.296 s median; original JAX code forward+backward alone 0.331 s min.
 """
 from __future__ import annotations
@@ -23,7 +23,7 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ANCHORS = ("anchors (same CPU kind, shared/ANCHORS.md): PyTorch port full step 0.253 min / 0.296 median s; "
+ANCHORS = ("anchors (same CPU kind, docs/performance.md): PyTorch port full step 0.253 min / 0.296 median s; "
            "original JAX forward+backward only 0.331 min / 0.360 median s")
 
 
