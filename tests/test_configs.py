@@ -1,17 +1,15 @@
 """Configs under ``configs/`` and ``score_sde.config_checks.validate_config``.
 
 Every config file (found by glob, so new ones are covered) must load and validate. Values are checked
-against the paper (hard-coded numbers below) and, where the original repository is present at
-``/work/ref`` (not in CI), against every one of its 42 config files.
+against the paper (hard-coded numbers below) and, field by field, against all 42 config files of the original
+(``tests/golden/configs_original.json``, dumped once from the original's code).
 """
 from __future__ import annotations
 
-import ast
 import importlib
+import json
 import math
 import pathlib
-import subprocess
-import sys
 
 import pytest
 
@@ -20,7 +18,6 @@ from score_sde.config_checks import validate_config
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 CONFIGS = REPO / 'configs'
-REF = pathlib.Path('/work/ref')
 
 
 def _module_name(path: pathlib.Path) -> str:
@@ -106,7 +103,7 @@ def test_defaults_have_the_new_fields(path):
         config.data.data_dir = 3
 
 
-# --------------------------------------------------------------------------- paper values (no /work/ref needed)
+# --------------------------------------------------------------------------- paper values
 # (config, field, value): Song et al. 2021, Appendix / the released configs' hyperparameters.
 PAPER_VALUES = [
     ('vp/cifar10.py', 'training.sde', 'vpsde'),
@@ -168,52 +165,55 @@ def test_paper_values(relpath, field, value):
 
 
 # --------------------------------------------------------------------------- all 42 against the original
-# Deliberate differences from the original files (documented in the files themselves).
+# The original's configs, every field resolved, dumped once from its code (recipe: tests/golden/README.md).
+GOLDEN_CONFIGS = REPO / 'tests' / 'golden' / 'configs_original.json'
+
+
+def _decode(value):
+    """A golden leaf as the original held it: ``{"tuple": [...]}`` marks a tuple (JSON has only lists)."""
+    return tuple(value['tuple']) if isinstance(value, dict) else value
+
+
+ORIGINAL = {path: {field: _decode(value) for field, value in fields.items()}
+            for path, fields in json.loads(GOLDEN_CONFIGS.read_text()).items()}
+
+# Deliberate differences from the original files (each documented in the file itself). Nothing else may differ.
 NEW_FIELDS = {'sampling.ode_solver', 'sampling.ode_rtol', 'sampling.ode_atol', 'data.data_dir', 'eval.inception_path',
               'eval.stats_dir'}
 STANDALONE_ADDED = NEW_FIELDS | {'training.n_jitted_steps', 'eval.enable_sampling', 'eval.enable_loss',
                                  'eval.enable_bpd', 'eval.bpd_dataset', 'model.beta_min', 'model.beta_max'}
 ADDED = {'ve/celebahq_ncsnpp_continuous.py': STANDALONE_ADDED, 've/ffhq_ncsnpp_continuous.py': STANDALONE_ADDED,
-         've/ncsn/celeba.py': {'model.num_classes', 'training.sde'}}
-ADDED.update({f've/ncsn/{p.name}': ADDED.get(f've/ncsn/{p.name}', {'model.num_classes'}) for p in NCSN_V1_FILES})
+         've/ncsn/celeba.py': NEW_FIELDS | {'model.num_classes', 'training.sde'}}
+ADDED.update({f've/ncsn/{p.name}': ADDED.get(f've/ncsn/{p.name}', NEW_FIELDS | {'model.num_classes'})
+              for p in NCSN_V1_FILES})
 REMOVED = {'ve/celebahq_ncsnpp_continuous.py': {'device'}, 've/ffhq_ncsnpp_continuous.py': {'device'},
            've/ncsn/celeba.py': {'training.loss'}, 've/ncsnv2/bedroom.py': {'training.continuouse'}}
 CHANGED = {('ve/ncsnv2/bedroom.py', 'training.continuous'): False}  # the original's typo left it True
 
-_DUMP_REF = r'''
-import glob, sys, types
-sys.modules['torch'] = types.SimpleNamespace(device=str, cuda=types.SimpleNamespace(is_available=lambda: False))
-import importlib
-out = {}
-for f in sorted(glob.glob('configs/**/*.py', recursive=True)):
-    mod = importlib.import_module(f[:-3].replace('/', '.'))
-    getter = getattr(mod, 'get_config', None) or mod.get_default_configs
-    out[f[len('configs/'):]] = getter().to_dict()
-print(repr(out))
-'''
+
+def _ours_flat(relpath: str) -> dict:
+    module = importlib.import_module(_module_name(CONFIGS / relpath))
+    return _flatten((getattr(module, 'get_config', None) or module.get_default_configs)().to_dict())
 
 
-@pytest.fixture(scope='module')
-def reference_configs() -> dict:
-    if not (REF / 'configs').is_dir():
-        pytest.skip('the original repository is not at /work/ref')
-    result = subprocess.run([sys.executable, '-c', _DUMP_REF], cwd=REF, capture_output=True, text=True, check=True)
-    return ast.literal_eval(result.stdout.strip().splitlines()[-1])
+def test_golden_holds_the_42_original_files():
+    assert len(ORIGINAL) == 42
+    assert set(ORIGINAL) <= {p.relative_to(CONFIGS).as_posix() for p in CONFIG_FILES + DEFAULT_FILES}
 
 
-def test_all_original_configs_match(reference_configs):
-    assert len(reference_configs) == 42
-    for relpath, ref_tree in reference_configs.items():
-        module = importlib.import_module(_module_name(CONFIGS / relpath))
-        ours = _flatten((getattr(module, 'get_config', None) or module.get_default_configs)().to_dict())
-        ref = _flatten(ref_tree)
-        assert set(ours) - set(ref) == NEW_FIELDS | ADDED.get(relpath, set()), relpath
-        assert set(ref) - set(ours) == REMOVED.get(relpath, set()), relpath
-        for key in set(ref) & set(ours):
-            expected = CHANGED.get((relpath, key), ref[key])
-            assert ours[key] == expected, (relpath, key, ours[key], expected)
-            assert isinstance(ours[key], (int, float)) and isinstance(expected, (int, float)) \
-                or type(ours[key]) is type(expected), (relpath, key, ours[key], expected)
+@pytest.mark.parametrize('relpath', sorted(ORIGINAL))
+def test_all_original_configs_match(relpath):
+    """Every field of the original file, at the same path in ours: same value and same type (int is not float,
+    tuple is not list: a command-line override is parsed by the field's type)."""
+    ours, original = _ours_flat(relpath), ORIGINAL[relpath]
+    assert set(ours) - set(original) == ADDED.get(relpath, NEW_FIELDS)
+    assert set(original) - set(ours) == REMOVED.get(relpath, set())
+    wrong = {}
+    for field in sorted(set(original) & set(ours)):
+        expected = CHANGED.get((relpath, field), original[field])
+        if type(ours[field]) is not type(expected) or ours[field] != expected:
+            wrong[field] = (ours[field], expected)
+    assert not wrong, f'{relpath}: field: (ours, original) {wrong}'
 
 
 # --------------------------------------------------------------------------- validate_config rejects bad configs
