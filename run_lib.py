@@ -126,8 +126,17 @@ def _diverged(step: int, what: str, checkpoint_meta_dir: str, checkpoint_dir: st
 
 
 def write_samples(samples: np.ndarray, sample_dir: str, step: int) -> str:
-    """Save snapshot samples ``(..., H, W, C)`` in [0, 1] as a PNG grid plus a uint8 ``.npy``; returns the PNG path."""
+    """Save snapshot samples ``(..., H, W, C)`` in [0, 1] as a PNG grid plus a uint8 ``.npy``; returns the PNG path.
+
+    Raises:
+        ValueError: some sample value is NaN or infinite (the uint8 cast would turn NaN into 0 without a trace).
+    """
     images = np.asarray(samples).reshape((-1,) + np.asarray(samples).shape[-3:])
+    n_bad = int(np.count_nonzero(~np.isfinite(images)))
+    if n_bad:
+        raise ValueError(f"snapshot samples at step {step}: {n_bad} of {images.size} values are NaN or infinite, "
+                         f"nothing written to {sample_dir}; the sampler diverged: try other sampling.* settings "
+                         "(predictor, corrector, snr) or a larger model.num_scales, or check the model for divergence")
     suffix = "" if parallel.process_index() == 0 else f"_host_{parallel.process_index()}"
     stem = os.path.join(sample_dir, f"iter_{step}{suffix}")
     np.save(stem + ".npy", np.clip(images * 255.0 + 0.5, 0, 255).astype(np.uint8))

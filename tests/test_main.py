@@ -43,6 +43,28 @@ def test_invalid_config_is_reported_before_any_work(tmp_path):
     assert not (tmp_path / "w").exists()
 
 
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_write_samples_refuses_non_finite_values(tmp_path, bad):
+    """A NaN would become 0 in the uint8 grid and pass unseen: one clear error instead, and nothing written."""
+    import run_lib
+
+    samples = np.random.default_rng(0).uniform(size=(2, 3, 8, 8, 1))
+    samples[1, 2, 4, 5, 0] = bad
+    with pytest.raises(ValueError, match=r"^snapshot samples at step 7: 1 of 384 values are NaN or infinite, "
+                                         r"nothing written to .*sampling\.\* settings"):
+        run_lib.write_samples(samples, str(tmp_path), step=7)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_write_samples_stores_what_it_was_given(tmp_path):
+    import run_lib
+
+    samples = np.random.default_rng(0).uniform(size=(2, 3, 8, 8, 1))
+    assert run_lib.write_samples(samples, str(tmp_path), step=7) == str(tmp_path / "iter_7.png")
+    stored = np.load(tmp_path / "iter_7.npy")
+    np.testing.assert_array_equal(stored, np.floor(samples.reshape(6, 8, 8, 1) * 255 + 0.5).astype(np.uint8))
+
+
 @pytest.mark.slow
 def test_main_job_writes_sample_grids_and_tensorboard_events(tmp_path):
     """The README's command, on a tiny network and few steps: PNG grids of 8×8 digits and event files."""
@@ -59,6 +81,10 @@ def test_main_job_writes_sample_grids_and_tensorboard_events(tmp_path):
     assert grid.ndim == 2 and grid.shape == (4 * (4 * 10 + 2), 4 * (2 * 10 + 2))
     samples = np.load(workdir / "samples" / "iter_8.npy")
     assert samples.shape == (8, 8, 8, 1) and samples.dtype == np.uint8
+    # Finite before the cast: write_samples refuses NaN and inf (test_write_samples_refuses_non_finite_values),
+    # and the run succeeded. Not constant: the pixels of each sample vary, and the samples differ from each other.
+    assert all(np.ptp(sample) > 0 for sample in samples)
+    assert np.ptp(samples.astype(np.int16), axis=0).max() > 0
     assert list((workdir / "tensorboard").glob("events.out.tfevents.*"))
     log = (workdir / "stdout.txt").read_text()
     assert "steps/s" in log and "ETA" in log and "wrote" in log
