@@ -27,59 +27,35 @@ import jax.numpy as jnp
 
 import sde_lib
 from models import utils as mutils
-from score_sde import ode, parallel
-from sde_lib import batch_mul
+from score_sde import ode, parallel, registry
+from sde_lib import ScoreFn, batch_mul
 
-ScoreFn = Callable[[jax.Array, jax.Array], jax.Array]
 UpdateFn = Callable[[jax.Array, jax.Array, jax.Array], Tuple[jax.Array, jax.Array]]
 
-_PREDICTORS: dict = {}
-_CORRECTORS: dict = {}
-
-
-def _registrar(registry: dict, kind: str):
-    def register(cls=None, *, name: Optional[str] = None):
-        def _register(cls):
-            local_name = cls.__name__ if name is None else name
-            if local_name in registry:
-                raise ValueError(f"A {kind} is already registered under the name {local_name!r}.")
-            registry[local_name] = cls
-            return cls
-
-        return _register if cls is None else _register(cls)
-
-    register.__doc__ = f"Class decorator registering a {kind} under ``name`` (default: the class name)."
-    return register
-
-
-register_predictor = _registrar(_PREDICTORS, "predictor")
-register_corrector = _registrar(_CORRECTORS, "corrector")
+_PREDICTORS = registry.Registry("predictor", "config.sampling.predictor")
+_CORRECTORS = registry.Registry("corrector", "config.sampling.corrector")
+register_predictor = _PREDICTORS.register
+register_corrector = _CORRECTORS.register
 
 
 def registered_predictors() -> list[str]:
     """Names accepted by :func:`get_predictor` (``config.sampling.predictor``)."""
-    return sorted(_PREDICTORS)
+    return _PREDICTORS.names()
 
 
 def registered_correctors() -> list[str]:
     """Names accepted by :func:`get_corrector` (``config.sampling.corrector``)."""
-    return sorted(_CORRECTORS)
+    return _CORRECTORS.names()
 
 
 def get_predictor(name: str) -> Type["Predictor"]:
     """The predictor class registered as ``name``."""
-    if name not in _PREDICTORS:
-        raise ValueError(f"Unknown predictor {name!r} (config.sampling.predictor); "
-                         f"choose one of {registered_predictors()}.")
-    return _PREDICTORS[name]
+    return _PREDICTORS.get(name)
 
 
 def get_corrector(name: str) -> Type["Corrector"]:
     """The corrector class registered as ``name``."""
-    if name not in _CORRECTORS:
-        raise ValueError(f"Unknown corrector {name!r} (config.sampling.corrector); "
-                         f"choose one of {registered_correctors()}.")
-    return _CORRECTORS[name]
+    return _CORRECTORS.get(name)
 
 
 def _timestep_index(sde: sde_lib.SDE, t: jax.Array) -> jax.Array:

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+# The one type of a time-dependent score everywhere in the project: score_fn(x (batch, ...), t (batch,)) -> like x.
 ScoreFn = Callable[[jax.Array, jax.Array], jax.Array]
 
 

@@ -7,7 +7,7 @@ sampling.
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Dict
+from typing import Any, Callable
 
 import flax
 import jax
@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import sde_lib
+from score_sde import registry
 from sde_lib import batch_mul
 
 
@@ -43,20 +44,8 @@ class State:
     rng: Any
 
 
-_MODELS: Dict[str, type] = {}
-
-
-def register_model(cls=None, *, name: str | None = None):
-    """Class decorator registering a Flax module under ``name`` (default: class name)."""
-
-    def _register(cls):
-        local_name = cls.__name__ if name is None else name
-        if local_name in _MODELS:
-            raise ValueError(f"A model is already registered under the name {local_name!r}.")
-        _MODELS[local_name] = cls
-        return cls
-
-    return _register if cls is None else _register(cls)
+_MODELS = registry.Registry("model", "config.model.name")
+register_model = _MODELS.register
 
 
 def _import_architectures() -> None:
@@ -67,15 +56,13 @@ def _import_architectures() -> None:
 def registered_models() -> list[str]:
     """Names accepted by :func:`get_model` (``config.model.name``)."""
     _import_architectures()
-    return sorted(_MODELS)
+    return _MODELS.names()
 
 
 def get_model(name: str) -> type:
     """The Flax module class registered as ``name``."""
     _import_architectures()
-    if name not in _MODELS:
-        raise ValueError(f"config.model.name={name!r} is not a registered model; choose one of {sorted(_MODELS)}.")
-    return _MODELS[name]
+    return _MODELS.get(name)
 
 
 def get_sigmas(config) -> jax.Array:

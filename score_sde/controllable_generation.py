@@ -27,9 +27,8 @@ import sampling
 import sde_lib
 from models import utils as mutils
 from score_sde import parallel
-from sde_lib import batch_mul
+from sde_lib import ScoreFn, batch_mul
 
-ScoreFn = Callable[[jax.Array, jax.Array], jax.Array]
 UpdateFn = sampling.UpdateFn
 
 

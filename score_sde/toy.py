@@ -27,8 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import sde_lib
-
-ScoreFn = Callable[[jax.Array, jax.Array], jax.Array]
+from sde_lib import ScoreFn
 
 
 def transition_coefficients(sde: sde_lib.SDE, t: jax.Array) -> Tuple[jax.Array, jax.Array]:
