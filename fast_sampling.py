@@ -44,6 +44,11 @@ def registered_fast_samplers() -> list[str]:
     return _SAMPLERS.names()
 
 
+def fast_sampler_fn(name: str) -> Callable:
+    """The score-level sampler registered as ``name``: ``fn(rng, score_fn, sde, x, *, eps, **options)``."""
+    return _SAMPLERS.get(name)
+
+
 # --------------------------------------------------------------------------- noise schedule
 
 
@@ -421,7 +426,7 @@ def sampler_options(name: str, sampling_config) -> dict:
     and is not None or ``''``; otherwise the sampler's default applies. Values are validated here,
     before any tracing.
     """
-    fn = _SAMPLERS.get(name)
+    fn = fast_sampler_fn(name)
     options = {}
     for param in inspect.signature(fn).parameters.values():
         if param.kind is not inspect.Parameter.KEYWORD_ONLY or param.name == "eps":
