@@ -4,7 +4,8 @@ The losses are denoising score matching in three flavours (Song et al., ICLR 202
 
 * :func:`get_sde_loss_fn` — continuous time ``t ~ U(eps, T)`` for any SDE, with either the
   paper's weighting ``λ(t) = std(t)²`` or likelihood weighting ``λ(t) = g(t)²``
-  (Song et al., 2021, "Maximum Likelihood Training of Score-Based Diffusion Models").
+  (Song et al., 2021, "Maximum Likelihood Training of Score-Based Diffusion Models"), the latter
+  optionally with importance-sampled time (VP / sub-VP, as that paper's code, score_flow).
 * :func:`get_smld_loss_fn` — NCSN's discrete noise levels (VE SDE only).
 * :func:`get_ddpm_loss_fn` — DDPM's ε-prediction on the discrete schedule (VP SDE only).
 
@@ -95,7 +96,8 @@ def _reduce_op(reduce_mean: bool) -> Callable:
 
 
 def get_sde_loss_fn(sde: sde_lib.SDE, model, train: bool, reduce_mean: bool = True, continuous: bool = True,
-                    likelihood_weighting: bool = True, eps: float = 1e-5) -> Callable:
+                    likelihood_weighting: bool = True, eps: float = 1e-5,
+                    importance_weighting: bool = False) -> Callable:
     """Continuous-time denoising score matching for any SDE.
 
     For ``t ~ U(eps, T)``, ``z ~ N(0, I)`` and ``x_t = mean(x_0, t) + std(t) z``, the per-example loss is
@@ -106,6 +108,16 @@ def get_sde_loss_fn(sde: sde_lib.SDE, model, train: bool, reduce_mean: bool = Tr
     where ``reduce`` is the mean over data dimensions (``reduce_mean``) or half their sum;
     the loss is the batch mean.
 
+    With ``importance_weighting`` (needs ``likelihood_weighting``; VP and sub-VP only) ``t`` is drawn
+    with density ``w(t) / Z``, ``w = g²/std²`` (``sde.sample_importance_weighted_time_for_likelihood``,
+    ``Z = sde.likelihood_importance_cum_weight(T)``), and the per-example loss is
+    ``reduce(‖s(x_t, t) · std + z‖²)``, as score_flow. Its expectation is the likelihood-weighted
+    loss times ``(T - eps) / Z``: a constant, so the gradient direction is the same with far less
+    variance (``w`` grows like ``1/t`` near 0). The constant is kept, not divided out, so that
+    gradient clipping and learning rates act as in score_flow. ``mean`` and ``std`` come from
+    ``sde.marginal_prob_high_precision``: the sampled times cluster near ``eps``, where the
+    float32 ``1 - exp`` of ``marginal_prob`` loses digits.
+
     Args:
         sde: the forward SDE.
         model: the score network (Flax module).
@@ -114,10 +126,12 @@ def get_sde_loss_fn(sde: sde_lib.SDE, model, train: bool, reduce_mean: bool = Tr
         continuous: the model takes continuous time (see ``models.utils.get_score_fn``).
         likelihood_weighting: weight by ``g(t)²`` instead of ``std(t)²``.
         eps: smallest time sampled.
+        importance_weighting: sample ``t`` by importance (see above).
 
     Returns:
         ``loss_fn(rng, params, states, batch) -> (loss, new_model_state)``.
     """
+    check_importance_weighting(sde, likelihood_weighting, importance_weighting, continuous)
     reduce_op = _reduce_op(reduce_mean)
 
     def loss_fn(rng, params, states, batch):
@@ -125,15 +139,19 @@ def get_sde_loss_fn(sde: sde_lib.SDE, model, train: bool, reduce_mean: bool = Tr
                                        return_state=True)
         data = batch["image"]
         rng, step_rng = jax.random.split(rng)
-        t = jax.random.uniform(step_rng, (data.shape[0],), minval=eps, maxval=sde.T)
+        if importance_weighting:
+            t = sde.sample_importance_weighted_time_for_likelihood(step_rng, (data.shape[0],), eps=eps)
+        else:
+            t = jax.random.uniform(step_rng, (data.shape[0],), minval=eps, maxval=sde.T)
         rng, step_rng = jax.random.split(rng)
         z = jax.random.normal(step_rng, data.shape)
-        mean, std = sde.marginal_prob(data, t)
+        marginal_prob = sde.marginal_prob_high_precision if importance_weighting else sde.marginal_prob
+        mean, std = marginal_prob(data, t)
         perturbed_data = mean + batch_mul(std, z)
         rng, step_rng = jax.random.split(rng)
         score, new_model_state = score_fn(perturbed_data, t, rng=step_rng)
 
-        if likelihood_weighting:
+        if likelihood_weighting and not importance_weighting:
             g2 = sde.sde(jnp.zeros_like(data), t)[1] ** 2
             residual = jnp.square(score + batch_mul(z, 1.0 / std))
             losses = reduce_op(residual.reshape((residual.shape[0], -1))) * g2
@@ -143,6 +161,23 @@ def get_sde_loss_fn(sde: sde_lib.SDE, model, train: bool, reduce_mean: bool = Tr
         return jnp.mean(losses), new_model_state
 
     return loss_fn
+
+
+def check_importance_weighting(sde: sde_lib.SDE, likelihood_weighting: bool, importance_weighting: bool,
+                               continuous: bool = True) -> None:
+    """Raise ``ValueError`` for importance weighting where score_flow has none (naming the config fields)."""
+    if not importance_weighting:
+        return
+    if not likelihood_weighting:
+        raise ValueError("config.training.importance_weighting=True needs config.training.likelihood_weighting=True: "
+                         "it samples time for the likelihood weighting g(t)^2 and means nothing without it.")
+    if not continuous:
+        raise ValueError("config.training.importance_weighting=True needs config.training.continuous=True; the "
+                         "discrete SMLD/DDPM losses have no likelihood weighting.")
+    if not hasattr(sde, "sample_importance_weighted_time_for_likelihood"):
+        raise ValueError(f"config.training.importance_weighting=True is available for config.training.sde='vpsde' "
+                         f"or 'subvpsde', not {type(sde).__name__} (score_flow has no importance distribution for "
+                         "VE); set config.training.importance_weighting=False.")
 
 
 def get_smld_loss_fn(vesde: sde_lib.VESDE, model, train: bool, reduce_mean: bool = False) -> Callable:
@@ -211,7 +246,8 @@ def get_ddpm_loss_fn(vpsde: sde_lib.VPSDE, model, train: bool, reduce_mean: bool
 
 
 def get_step_fn(sde: sde_lib.SDE, model, train: bool, optimize_fn: Callable | None = None,
-                reduce_mean: bool = False, continuous: bool = True, likelihood_weighting: bool = False) -> Callable:
+                reduce_mean: bool = False, continuous: bool = True, likelihood_weighting: bool = False,
+                importance_weighting: bool = False, smallest_time: float = 1e-5) -> Callable:
     """One training or evaluation step, shaped for ``jax.lax.scan`` inside ``pmap``.
 
     ``step_fn((rng, state), batch) -> ((rng, new_state), loss)``. With ``train=True`` it
@@ -226,12 +262,15 @@ def get_step_fn(sde: sde_lib.SDE, model, train: bool, optimize_fn: Callable | No
         sde, model: the forward SDE and the score network.
         train: training or evaluation step.
         optimize_fn: from :func:`optimization_manager` (needed when ``train``).
-        reduce_mean, continuous, likelihood_weighting: as in :func:`get_sde_loss_fn`;
+        reduce_mean, continuous, likelihood_weighting, importance_weighting: as in :func:`get_sde_loss_fn`;
             ``continuous=False`` selects SMLD (VE) or DDPM (VP) training.
+        smallest_time: the continuous loss's ``eps`` (score_flow's ``config.training.smallest_time``).
     """
+    check_importance_weighting(sde, likelihood_weighting, importance_weighting, continuous)
     if continuous:
         loss_fn = get_sde_loss_fn(sde, model, train, reduce_mean=reduce_mean, continuous=True,
-                                  likelihood_weighting=likelihood_weighting)
+                                  likelihood_weighting=likelihood_weighting, eps=smallest_time,
+                                  importance_weighting=importance_weighting)
     else:
         if likelihood_weighting:
             raise ValueError("config.training.likelihood_weighting=True needs config.training.continuous=True; "

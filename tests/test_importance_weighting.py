@@ -1,0 +1,234 @@
+"""Importance-sampled time for likelihood weighting (sde_lib) and the loss that uses it (losses).
+
+Against exact math: the cumulative weight is the integral of g²/std² (float64 quadrature), the
+sampler inverts it and its draws have that density (Kolmogorov-Smirnov), and the importance-weighted
+loss, rescaled by Z / (T - eps), has the likelihood-weighted loss's expectation (Monte-Carlo).
+Against score_flow: its cumulative weights, sampled times and loss values (tests/golden/README.md).
+"""
+from __future__ import annotations
+
+import json
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+from scipy import integrate, stats
+
+import losses
+from configs.vp import digits as vp_digits
+from models import utils as mutils
+from score_sde.config_checks import validate_config
+from tests.helpers import assert_close_scaled, make_sde
+
+IW_SDES = ("vpsde", "subvpsde")
+EPS = 1e-5
+
+
+def _weight64(name: str, t):
+    """g(t)² / std(t)² in float64 from the SDE definitions (beta 0.1..20)."""
+    t = np.asarray(t, np.float64)
+    beta = 0.1 + t * 19.9
+    integrated = 0.1 * t + 0.5 * 19.9 * t ** 2  # B(t) = ∫_0^t β, std² = 1 - e^{-B} (VP), (1 - e^{-B})² (sub-VP)
+    if name == "vpsde":
+        return beta / -np.expm1(-integrated)
+    diffusion2 = beta * -np.expm1(-2 * integrated)
+    return diffusion2 / np.expm1(-integrated) ** 2
+
+
+def _cum_weight64(name: str, t: float) -> float:
+    # The integrand grows like 1/s near eps: integrate in log s.
+    value, _ = integrate.quad(lambda u: _weight64(name, np.exp(u)) * np.exp(u), np.log(EPS), np.log(t),
+                              epsabs=1e-12, epsrel=1e-12, limit=200)
+    return value
+
+
+def _original_taylor_error(t):
+    """Bound on score_flow's deviation from exact: below B(t) = 1e-3 it replaces expm1(B) by B
+    (log error B/2, counted twice for sub-VP); ours is exact there (tests/golden/README.md)."""
+    integrated = 0.1 * t + 0.5 * 19.9 * t ** 2
+    return np.where(integrated <= 1e-3, integrated, 0.0)
+
+
+@pytest.mark.parametrize("name", IW_SDES)
+def test_weight_is_g2_over_std2_and_the_cum_weight_its_integral(name):
+    sde = make_sde(name)
+    t = np.array([2e-5, 1e-4, 1e-3, 1e-2, 0.1, 0.5, 1.0])
+    np.testing.assert_allclose(sde.likelihood_importance_weight(jnp.asarray(t, jnp.float32)), _weight64(name, t),
+                               rtol=2e-5)
+    # Where float32 1 - exp has no cancellation, the weight is the SDE's own g² / std².
+    mid = jnp.asarray([0.2, 0.6, 1.0])
+    g = sde.sde(jnp.zeros((3, 1)), mid)[1]
+    std = sde.marginal_prob(jnp.zeros((3, 1)), mid)[1]
+    np.testing.assert_allclose(sde.likelihood_importance_weight(mid), g ** 2 / std ** 2, rtol=1e-5)
+    cum = sde.likelihood_importance_cum_weight(jnp.asarray(t, jnp.float32), eps=EPS)
+    np.testing.assert_allclose(cum, [_cum_weight64(name, s) for s in t], rtol=1e-5, atol=1e-5)
+    assert float(sde.likelihood_importance_cum_weight(EPS, eps=EPS)) == 0.0
+
+
+@pytest.mark.parametrize("name", IW_SDES)
+def test_sampler_inverts_the_cum_weight(name):
+    sde = make_sde(name)
+    total = float(sde.likelihood_importance_cum_weight(sde.T, eps=EPS))
+    u = jnp.linspace(0.0, 1.0, 101) * total
+    t = sde.sample_importance_weighted_time_for_likelihood(None, None, quantile=u, eps=EPS)
+    assert float(t.min()) >= np.float32(EPS) and float(t.max()) <= sde.T
+    np.testing.assert_allclose(sde.likelihood_importance_cum_weight(t, eps=EPS), u, atol=2e-5 * total)
+
+
+@pytest.mark.parametrize("name", IW_SDES)
+def test_sampled_times_have_density_g2_over_std2(name):
+    sde = make_sde(name)
+    n = 20000
+    t = np.asarray(sde.sample_importance_weighted_time_for_likelihood(jax.random.PRNGKey(3), (n,), eps=EPS),
+                   np.float64)
+    total = _cum_weight64(name, 1.0)
+    cdf = np.vectorize(lambda s: _cum_weight64(name, min(max(s, EPS), 1.0)) / total)
+    # KS against the exact CDF, on a subsample (the quadrature per point is the slow part).
+    result = stats.kstest(t[:2000], cdf)
+    assert result.pvalue > 1e-3, result
+    # Uniform times would put ~0.1% of the draws below 1e-3; this density about 30% (VP).
+    assert abs(np.mean(t < 1e-3) - cdf(1e-3)) < 5 * np.sqrt(cdf(1e-3) * (1 - cdf(1e-3)) / n)
+
+
+# --------------------------------------------------------------------------- the loss
+
+SHAPE = (4, 4, 4, 1)
+
+
+class ToyScoreNet(nn.Module):
+    """A linear, time-conditional network: cheap enough to draw the loss thousands of times."""
+
+    config: ml_collections.ConfigDict
+
+    @nn.compact
+    def __call__(self, x, labels, train: bool = False):
+        scale = nn.Dense(1)(jnp.log1p(labels.astype(jnp.float32))[:, None])[:, None, None, :]
+        return 0.8 * x * nn.sigmoid(scale) + self.param("bias", nn.initializers.constant(0.1), (x.shape[-1],))
+
+
+def _toy_model():
+    model = ToyScoreNet(config=ml_collections.ConfigDict())
+    params = model.init(jax.random.PRNGKey(0), jnp.zeros(SHAPE), jnp.zeros(SHAPE[:1]))["params"]
+    return model, params
+
+
+@pytest.mark.parametrize("name", IW_SDES)
+def test_importance_weighted_loss_estimates_the_likelihood_weighted_one(name):
+    sde = make_sde(name)
+    model, params = _toy_model()
+    batch = {"image": 0.3 + 0.5 * jax.random.normal(jax.random.PRNGKey(5), SHAPE)}
+    draws = 4000
+    keys = jax.random.split(jax.random.PRNGKey(7), draws)
+
+    def draw(importance_weighting):
+        loss_fn = losses.get_sde_loss_fn(sde, model, train=False, reduce_mean=False, likelihood_weighting=True,
+                                         eps=EPS, importance_weighting=importance_weighting)
+        return np.asarray(jax.jit(jax.vmap(lambda k: loss_fn(k, params, {}, batch)[0]))(keys), np.float64)
+
+    total = float(sde.likelihood_importance_cum_weight(sde.T, eps=EPS))
+    iw = draw(True) * total / (sde.T - EPS)
+    lw = draw(False)
+    se = np.sqrt(iw.var() / draws + lw.var() / draws)
+    assert abs(iw.mean() - lw.mean()) < 4 * se, (iw.mean(), lw.mean(), se)
+    # The point of the importance sampling: a far smaller variance (ratio in the report).
+    assert iw.var() < 0.5 * lw.var(), (iw.var(), lw.var())
+
+
+def test_importance_weighted_loss_formula():
+    """The loss draws t from the sampler with the key score_flow uses and returns mean ‖s·std + z‖²."""
+    sde = make_sde("subvpsde")
+    model, params = _toy_model()
+    data = 0.5 * jax.random.normal(jax.random.PRNGKey(5), SHAPE)
+    rng = jax.random.PRNGKey(1)
+    loss = losses.get_sde_loss_fn(sde, model, train=False, reduce_mean=True, likelihood_weighting=True,
+                                  eps=EPS, importance_weighting=True)(rng, params, {}, {"image": data})[0]
+    rng, t_rng = jax.random.split(rng)
+    rng, z_rng = jax.random.split(rng)
+    t = sde.sample_importance_weighted_time_for_likelihood(t_rng, (SHAPE[0],), eps=EPS)
+    z = jax.random.normal(z_rng, SHAPE)
+    lmc = np.asarray(sde.log_mean_coeff(t), np.float64)
+    std = -np.expm1(2 * lmc)  # sub-VP
+    x_t = np.exp(lmc)[:, None, None, None] * np.asarray(data) + std[:, None, None, None] * np.asarray(z)
+    out = np.asarray(model.apply({"params": params}, jnp.asarray(x_t, jnp.float32), t * 999), np.float64)
+    expected = np.mean((-out + np.asarray(z)) ** 2)  # s · std = -model output
+    np.testing.assert_allclose(float(loss), expected, rtol=2e-5)
+
+
+@pytest.mark.parametrize("kwargs, words", [
+    (dict(sde="vpsde", likelihood_weighting=False, continuous=True), "likelihood_weighting"),
+    (dict(sde="vesde", likelihood_weighting=True, continuous=True), "subvpsde"),
+    (dict(sde="vpsde", likelihood_weighting=True, continuous=False), "continuous"),
+])
+def test_unsupported_importance_weighting_is_refused(kwargs, words):
+    sde = make_sde(kwargs["sde"])
+    model, _ = _toy_model()
+    with pytest.raises(ValueError, match="importance_weighting") as info:
+        losses.get_step_fn(sde, model, train=False, continuous=kwargs["continuous"],
+                           likelihood_weighting=kwargs["likelihood_weighting"], importance_weighting=True)
+    assert words in str(info.value)
+    config = vp_digits.get_config()
+    config.training.sde = kwargs["sde"]
+    config.training.likelihood_weighting = kwargs["likelihood_weighting"]
+    config.training.continuous = kwargs["continuous"]
+    config.training.importance_weighting = True
+    with pytest.raises(ValueError, match="training.importance_weighting") as info:
+        validate_config(config, mode="train")
+    assert words in str(info.value)
+
+
+# --------------------------------------------------------------------------- score_flow's numbers
+
+
+@pytest.fixture(scope="module")
+def flow_golden(golden_dir):
+    return np.load(golden_dir / "score_flow_likelihood.npz"), json.loads((golden_dir / "score_flow_likelihood.json").read_text())
+
+
+@pytest.mark.parametrize("name", IW_SDES)
+def test_cum_weight_and_times_match_score_flow(name, flow_golden):
+    npz, _ = flow_golden
+    sde = make_sde(name)
+    t = npz["t_grid"]
+    ours = np.asarray(sde.likelihood_importance_cum_weight(jnp.asarray(t), eps=EPS))
+    golden = npz[f"{name}/cum_weight"]
+    assert np.all(np.abs(ours - golden) <= 1e-5 * np.abs(golden).max() + _original_taylor_error(t)), ours - golden
+    # Times: compared through our CDF (a CDF error of δ moves t by δ / density).
+    total = float(sde.likelihood_importance_cum_weight(sde.T, eps=EPS))
+    for times, u in ((npz[f"{name}/time_at_quantile"], npz["u_grid"] * total),
+                     (npz[f"{name}/time_key0"], jax.random.uniform(jax.random.PRNGKey(0), (8,), maxval=total))):
+        at = np.asarray(sde.likelihood_importance_cum_weight(jnp.asarray(times), eps=EPS))
+        assert np.all(np.abs(at - u) <= 2e-5 * total + _original_taylor_error(times)), at - u
+        ours = sde.sample_importance_weighted_time_for_likelihood(None, None, quantile=jnp.asarray(u), eps=EPS)
+        np.testing.assert_allclose(ours, times, rtol=2e-3)
+
+
+def _golden_model(golden_dir):
+    """The golden tiny NCSN++ (DDPM++ VP continuous, 16x16x3) with its perturbed parameters."""
+    case = json.loads((golden_dir / "models.json").read_text())["ddpmpp_vp_cont"]
+    config = ml_collections.ConfigDict(case["config"])
+    config.model.ch_mult = tuple(config.model.ch_mult)
+    config.model.attn_resolutions = tuple(config.model.attn_resolutions)
+    npz = np.load(golden_dir / "model_ddpmpp_vp_cont.npz")
+    params = {}
+    for key in npz.files:
+        if key.startswith("var/params/"):
+            *path, leaf = key[len("var/params/"):].split("/")
+            node = params
+            for part in path:
+                node = node.setdefault(part, {})
+            node[leaf] = jnp.asarray(npz[key])
+    return mutils.create_model(config), params
+
+
+@pytest.mark.parametrize("name, reduce_mean, train", [("vpsde", True, False), ("vpsde", False, True),
+                                                     ("subvpsde", False, False), ("subvpsde", True, True)])
+def test_importance_weighted_loss_matches_score_flow(name, reduce_mean, train, flow_golden, golden_dir):
+    npz, _ = flow_golden
+    model, params = _golden_model(golden_dir)
+    loss_fn = losses.get_sde_loss_fn(make_sde(name), model, train=train, reduce_mean=reduce_mean,
+                                     likelihood_weighting=True, eps=EPS, importance_weighting=True)
+    loss, _ = jax.jit(loss_fn)(jax.random.PRNGKey(1), params, {}, {"image": jnp.asarray(npz["x"])})
+    assert_close_scaled(loss, npz[f"{name}/loss_iw_mean{int(reduce_mean)}_train{int(train)}"])
