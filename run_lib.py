@@ -16,19 +16,23 @@ and every process writes its own snapshot samples (``iter_<step>_host_<p>.png`` 
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
+import time
 from typing import Any, Callable, Iterator
 
 import jax
 import numpy as np
 from clu import metric_writers
 
+import likelihood
 import losses
+import sampling
 import sde_lib
 from models import utils as mutils
-from score_sde import checkpoints, datasets, parallel, reporting
+from score_sde import checkpoints, datasets, eval_records, inception, metrics, parallel, reporting
 
 
 class TrainingDivergedError(FloatingPointError):
@@ -287,6 +291,16 @@ def _train(config, workdir, sample_dir, tb_dir, checkpoint_dir, checkpoint_meta_
 
 # Seconds between looks for a checkpoint that has not arrived yet (the original waited 60 s).
 CHECKPOINT_POLL_S = 60.0
+# Seconds between looks for the files the other processes of a multi-host evaluation write.
+HOST_FILES_POLL_S = 5.0
+
+
+class EvaluationError(ValueError):
+    """Evaluation cannot start or go on; the one-line message says why and what to do."""
+
+
+def _one_line(err: BaseException) -> str:
+    return " ".join(str(err).split())
 
 
 def _eval_images(config, split: str) -> np.ndarray:
@@ -295,15 +309,14 @@ def _eval_images(config, split: str) -> np.ndarray:
     Read once through ``datasets.get_dataset`` (so every dataset's preprocessing applies) with
     one image per device: nothing is dropped on one device; with D devices the pipeline's
     ``drop_remainder`` can leave out up to D - 1 images (run on one device to avoid even that).
+    Returns ``(N, H, W, C)``, uint8 for undequantised unresized data (see ``eval_records.collect_images``).
     """
-    from score_sde import evaluation as evaluation_lib
-
     one_per_device = config.copy_and_resolve_references()
     one_per_device.eval.batch_size = parallel.device_count()
     train_ds, eval_ds, _ = datasets.get_dataset(one_per_device, additional_dim=None, uniform_dequantization=False,
                                                 evaluation=True)
-    images = evaluation_lib.collect_images(train_ds if split == "train" else eval_ds)
-    return evaluation_lib.canonical_order(images)
+    images = eval_records.collect_images(train_ds if split == "train" else eval_ds)
+    return eval_records.canonical_order(images)
 
 
 def _host_rows(global_batch: np.ndarray, per_device: int) -> np.ndarray:
@@ -324,243 +337,429 @@ def eval_state_template(config, rng: jax.Array):
     return mutils.create_model(config), jax.tree_util.tree_map(lambda s: np.zeros(s.shape, s.dtype), shapes)
 
 
-def _wait_and_restore(checkpoint_dir: str, ckpt: int, template):
-    """Restore ``checkpoint_<ckpt>``, waiting for it to appear (and retrying a partly written file)."""
-    import time
+# ---- checks made before anything is computed or written ----------------------------------------
 
-    path = os.path.join(checkpoint_dir, f"checkpoint_{ckpt}")
-    waited = False
+def _check_eval_config(config) -> None:
+    """Reject ``eval.*`` values that would otherwise fail late (the checkpoint range, batch size, bpd split)."""
+    begin, end = config.eval.begin_ckpt, config.eval.end_ckpt
+    if begin > end:
+        raise EvaluationError(f"config.eval.begin_ckpt = {begin} is after config.eval.end_ckpt = {end}: there is "
+                              "no checkpoint to evaluate. Set begin_ckpt <= end_ckpt.")
+    wait_s = _wait_seconds(config)
+    if not wait_s >= 0:
+        raise EvaluationError(f"config.eval.wait_for_checkpoints_s = {wait_s!r}; use 0 (do not wait) or a number "
+                              "of seconds to wait for each checkpoint a running training has still to write.")
+    devices = parallel.device_count()
+    if config.eval.batch_size % devices != 0 or config.eval.batch_size < devices:
+        raise EvaluationError(f"config.eval.batch_size = {config.eval.batch_size} must be a positive multiple of "
+                              f"the number of devices ({devices}).")
+    if config.eval.bpd_dataset.lower() not in ("train", "test"):
+        raise EvaluationError(f"config.eval.bpd_dataset = {config.eval.bpd_dataset!r}; use 'train' or 'test'.")
+
+
+def _wait_seconds(config) -> float:
+    # .get: configs written before the field existed (a workdir's config.json) do not wait.
+    return config.eval.get("wait_for_checkpoints_s", 0)
+
+
+def _checkpoint_path(checkpoint_dir: str, ckpt: int) -> str:
+    return os.path.join(checkpoint_dir, f"{checkpoints.PREFIX}{ckpt}")
+
+
+def _number_ranges(numbers: list[int]) -> str:
+    """Increasing ``[1, 2, 3, 5]`` -> ``'1-3, 5'``."""
+    spans = [[numbers[0], numbers[0]]]
+    for n in numbers[1:]:
+        if n == spans[-1][1] + 1:
+            spans[-1][1] = n
+        else:
+            spans.append([n, n])
+    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in spans)
+
+
+def _check_checkpoints_present(checkpoint_dir: str, first: int, last: int, wait_s: float) -> None:
+    """Fail at once when a checkpoint ``first..last`` is missing and waiting for it is not allowed.
+
+    With ``wait_s > 0`` (``config.eval.wait_for_checkpoints_s``) the missing ones are logged and
+    :func:`_wait_for_checkpoint` waits for each in turn.
+    """
+    missing = [n for n in range(first, last + 1) if not os.path.exists(_checkpoint_path(checkpoint_dir, n))]
+    if not missing:
+        return
+    if wait_s > 0:
+        if parallel.is_main_process():
+            logging.info("Checkpoint(s) %s are not in %s yet; waiting up to %g s for each as it comes "
+                         "(config.eval.wait_for_checkpoints_s).", _number_ranges(missing), checkpoint_dir, wait_s)
+        return
+    if not os.path.isdir(checkpoint_dir):
+        found = "the folder does not exist"
+    else:
+        latest = checkpoints.latest_checkpoint(checkpoint_dir)
+        found = f"the highest there is {os.path.basename(latest)}" if latest else "it holds no checkpoint"
+    raise EvaluationError(
+        f"Checkpoint(s) {_number_ranges(missing)} of config.eval.begin_ckpt..end_ckpt = {first}..{last} are not in "
+        f"{checkpoint_dir} ({found}). Check --workdir and the range; to wait for checkpoints that a running "
+        "`--mode train` will still write, set config.eval.wait_for_checkpoints_s (seconds).")
+
+
+def _check_result_settings(eval_dir: str, settings: dict) -> None:
+    """Refuse to add results to ``eval_dir`` when they were computed with other settings."""
+    recorded = eval_records.load_settings(eval_dir)
+    if recorded is None:
+        return
+    differences = eval_records.settings_differences(recorded, settings)
+    if differences:
+        raise EvaluationError(
+            f"{eval_dir} holds results computed with other settings ({'; '.join(differences)}); new rounds would "
+            "be mixed with them. Evaluate into another folder (--eval_folder) or with the settings recorded in "
+            f"{eval_records.settings_path(eval_dir)}.")
+
+
+# ---- checkpoints --------------------------------------------------------------------------------
+
+def _wait_for_checkpoint(path: str, wait_s: float) -> None:
+    """Return once ``path`` exists, looking every ``CHECKPOINT_POLL_S`` for at most ``wait_s`` seconds."""
+    if os.path.exists(path):
+        return
+    deadline = time.monotonic() + wait_s
+    if parallel.is_main_process():
+        logging.info("Waiting up to %g s for %s, which a running `--mode train` on this workdir would write "
+                     "(config.eval.wait_for_checkpoints_s).", wait_s, path)
     while not os.path.exists(path):
-        if not waited and parallel.is_main_process():
-            logging.warning("Waiting for the arrival of checkpoint_%d in %s", ckpt, checkpoint_dir)
-            waited = True
-        time.sleep(CHECKPOINT_POLL_S)
-    for delay in (CHECKPOINT_POLL_S, 2 * CHECKPOINT_POLL_S, None):
-        try:
-            return checkpoints.restore_checkpoint(path, template)
-        except (ValueError, OSError) as err:
-            if delay is None:
-                raise
-            logging.warning("checkpoint_%d is not readable yet (%s); retrying in %.0f s", ckpt, err, delay)
-            time.sleep(delay)
-    raise AssertionError("unreachable")
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise EvaluationError(
+                f"{path} did not appear within config.eval.wait_for_checkpoints_s = {wait_s:g} s. Is `--mode train` "
+                "still running on this workdir? Rerun later (the evaluation resumes where it stopped) or wait longer.")
+        time.sleep(min(CHECKPOINT_POLL_S, remaining))
+
+
+def _wait_and_restore(checkpoint_dir: str, ckpt: int, template, wait_s: float = 0.0):
+    """Restore ``checkpoint_<ckpt>`` into ``template``, first waiting up to ``wait_s`` seconds for it to appear.
+
+    A checkpoint that cannot be read is not retried: checkpoints are written atomically, so a
+    file under its final name is complete and a read error will not go away by itself (and an
+    interrupted evaluation resumes where it stopped).
+
+    Raises:
+        EvaluationError: the file did not appear in time, or cannot be read (corrupt, truncated,
+            unreadable, or of another model); the message names the file.
+    """
+    path = _checkpoint_path(checkpoint_dir, ckpt)
+    _wait_for_checkpoint(path, wait_s)
+    try:
+        return checkpoints.restore_checkpoint(path, template)
+    except (ValueError, OSError) as err:  # checkpoints.CorruptCheckpointError is a ValueError
+        raise EvaluationError(f"Cannot evaluate {path}: {_one_line(err)}") from err
+
+
+def _wait_for_host_files(paths: list[str], what: str) -> None:
+    """Return once every file of ``paths`` exists (written by other processes of this evaluation)."""
+    if all(os.path.exists(p) for p in paths):
+        return
+    logging.info("Waiting for %s from the other processes of this evaluation.", what)
+    while not all(os.path.exists(p) for p in paths):
+        time.sleep(HOST_FILES_POLL_S)
+
+
+# ---- the job ------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class _EvalJob:
+    """What :func:`evaluate` computes for every checkpoint, prepared once.
+
+    A part that is off (``eval.enable_*``) has its functions set to None.
+    """
+
+    config: Any
+    eval_dir: str
+    checkpoint_dir: str
+    template: Any
+    global_batch: int
+    per_device: int
+    scaler: Callable
+    # eval loss
+    p_eval_step: Callable | None = None
+    loss_images: np.ndarray | None = None
+    # bits/dim
+    likelihood_fn: Callable | None = None
+    bpd_dataset: str = "test"
+    bpd_images: np.ndarray | None = None
+    bpd_batches_per_repeat: int = 0
+    num_bpd_rounds: int = 0
+    # samples and IS / FID / KID
+    sampling_fn: Callable | None = None
+    num_sampling_rounds: int = 0
+    extractor: Any = None
+    stats_path: str | None = None
+    data_stats: dict | None = None
+    names: dict | None = None
+
+    @property
+    def host(self) -> int:
+        return parallel.process_index()
+
+    def save_meta(self, meta: eval_records.EvalMeta, **changes) -> eval_records.EvalMeta:
+        return eval_records.update_eval_meta(self.eval_dir, self.host, meta, **changes)
+
+
+def _images_for_batches(config, split: str, global_batch: int) -> np.ndarray:
+    images = _eval_images(config, split)
+    if len(images) < global_batch:
+        raise EvaluationError(f"The {split} split has {len(images)} images, fewer than one batch "
+                              f"(config.eval.batch_size = {global_batch}).")
+    return images
+
+
+def _build_job(config, eval_dir: str, checkpoint_dir: str, model_rng: jax.Array, sample_metrics: dict | None):
+    """Models, data and compiled functions of the parts ``config.eval.enable_*`` asks for."""
+    score_model, template = eval_state_template(config, model_rng)
+    sde, sampling_eps = sde_lib.get_sde(config)
+    inverse_scaler = datasets.get_data_inverse_scaler(config)
+    global_batch = config.eval.batch_size
+    job = _EvalJob(config=config, eval_dir=eval_dir, checkpoint_dir=checkpoint_dir, template=template,
+                   global_batch=global_batch, per_device=global_batch // parallel.device_count(),
+                   scaler=datasets.get_data_scaler(config), bpd_dataset=config.eval.bpd_dataset.lower())
+    if config.eval.enable_loss:
+        job.p_eval_step = make_train_and_eval_steps(config, sde, score_model)[1]
+        job.loss_images = _images_for_batches(config, "test", global_batch)
+    if config.eval.enable_bpd:
+        # The ODE solver and tolerances of config.sampling (new fields; the original's values by default).
+        job.likelihood_fn = likelihood.get_likelihood_fn(
+            sde, score_model, inverse_scaler, rtol=config.sampling.get("ode_rtol", 1e-5),
+            atol=config.sampling.get("ode_atol", 1e-5), solver=config.sampling.get("ode_solver", "scipy"))
+        job.bpd_images = _images_for_batches(config, job.bpd_dataset, global_batch)
+        job.bpd_batches_per_repeat = len(job.bpd_images) // global_batch
+        # The test split is gone over 5 times with fresh dequantisation noise, as the original.
+        job.num_bpd_rounds = job.bpd_batches_per_repeat * (5 if job.bpd_dataset == "test" else 1)
+    if config.eval.enable_sampling:
+        sampling_shape = (global_batch // parallel.local_device_count(), config.data.image_size,
+                          config.data.image_size, config.data.num_channels)
+        job.sampling_fn = sampling.get_sampling_fn(config, sde, score_model, sampling_shape, inverse_scaler,
+                                                   sampling_eps)
+        job.num_sampling_rounds = -(-config.eval.num_samples // global_batch)
+        job = dataclasses.replace(job, **sample_metrics)
+    return job
+
+
+def _load_sample_metric_inputs(config, feature_extractor) -> dict:
+    """The feature network, the dataset statistics and the metric names (fails before any long work)."""
+    extractor = feature_extractor or inception.load_feature_extractor(config)
+    stats_path = eval_records.dataset_stats_path(config)
+    data_stats = eval_records.load_dataset_stats(stats_path)
+    names = inception.metric_names(extractor.is_inception, int(np.shape(data_stats["pool_3"])[1]))
+    return {"extractor": extractor, "stats_path": stats_path, "data_stats": data_stats, "names": names}
+
+
+def _meta_key(meta: eval_records.EvalMeta) -> jax.Array:
+    return jax.numpy.asarray(np.asarray(meta.rng, np.uint32))
+
+
+def _eval_loss(job: _EvalJob, ckpt: int, pstate, meta):
+    """The loss of every full batch of the (canonically ordered) test split -> ``ckpt_<n>_loss.npz``."""
+    config, rng = job.config, _meta_key(meta)
+    all_losses = []
+    for i in range(len(job.loss_images) // job.global_batch):
+        batch = job.loss_images[i * job.global_batch:(i + 1) * job.global_batch]
+        if config.data.uniform_dequantization:
+            batch = eval_records.dequantize(batch, (config.seed, 0, i))
+        else:
+            batch = eval_records.to_unit_float(batch)
+        batch = _host_rows(job.scaler(batch), job.per_device)[:, None]
+        rng, keys = device_keys(rng)
+        _, p_eval_loss = job.p_eval_step((keys, pstate), {"image": batch})
+        all_losses.extend(np.asarray(parallel.unreplicate(p_eval_loss)).reshape(-1))
+    all_losses = np.asarray(all_losses)
+    if parallel.is_main_process():
+        eval_records.write_npz(os.path.join(job.eval_dir, f"ckpt_{ckpt}_loss.npz"), all_losses=all_losses,
+                               mean_loss=all_losses.mean())
+    logging.info("ckpt: %d, eval loss: %.6e", ckpt, all_losses.mean())
+    return job.save_meta(meta, loss_done=True, rng=eval_records.key_to_list(rng))
+
+
+def _bpd_batch(job: _EvalJob, bpd_round: int) -> np.ndarray:
+    """The dequantised, scaled images of bits/dim round ``bpd_round``: ``(local_devices, per_device, H, W, C)``.
+
+    Repeat ``r`` of the split goes through it in the order of a permutation seeded by
+    ``(seed, r)``, with dequantisation noise seeded by ``(seed, 1, r, batch)``.
+    """
+    seed = job.config.seed
+    repeat, batch_id = divmod(bpd_round, job.bpd_batches_per_repeat)
+    order = np.random.default_rng([seed, repeat]).permutation(len(job.bpd_images))
+    batch = job.bpd_images[order[batch_id * job.global_batch:(batch_id + 1) * job.global_batch]]
+    return _host_rows(job.scaler(eval_records.dequantize(batch, (seed, 1, repeat, batch_id))), job.per_device)
+
+
+def _eval_bpd(job: _EvalJob, ckpt: int, pstate, meta):
+    """The bits/dim rounds not done yet, one file each: ``<bpd_dataset>_ckpt_<n>_bpd_<round>.npz``."""
+    suffix = "" if parallel.process_count() == 1 else f"_host_{job.host}"
+    for bpd_round in range(meta.bpd_rounds_done, job.num_bpd_rounds):
+        rng, keys = device_keys(_meta_key(meta))
+        bpd = np.asarray(job.likelihood_fn(keys, pstate, _bpd_batch(job, bpd_round))[0]).reshape(-1)
+        eval_records.write_npz(
+            os.path.join(job.eval_dir, f"{job.bpd_dataset}_ckpt_{ckpt}_bpd_{bpd_round}{suffix}.npz"), bpd)
+        repeat, batch_id = divmod(bpd_round, job.bpd_batches_per_repeat)
+        logging.info("ckpt: %d, repeat: %d, batch: %d, mean bpd: %.6f", ckpt, repeat, batch_id, bpd.mean())
+        meta = job.save_meta(meta, bpd_rounds_done=bpd_round + 1, rng=eval_records.key_to_list(rng))
+    return meta
+
+
+def _sampling_rounds(job: _EvalJob, ckpt: int, pstate, meta):
+    """The sampling rounds not done yet: ``ckpt_<n>_host_<h>/samples_<r>.npz`` and ``statistics_<r>.npz``."""
+    config = job.config
+    sample_dir = os.path.join(job.eval_dir, f"ckpt_{ckpt}_host_{job.host}")
+    os.makedirs(sample_dir, exist_ok=True)
+    for r in range(meta.sampling_rounds_done, job.num_sampling_rounds):
+        logging.info("sampling -- ckpt: %d, round: %d of %d", ckpt, r + 1, job.num_sampling_rounds)
+        rng, keys = device_keys(_meta_key(meta))
+        samples, _ = job.sampling_fn(keys, pstate)
+        samples = np.clip(np.asarray(samples) * 255.0, 0, 255).astype(np.uint8)
+        samples = samples.reshape((-1, config.data.image_size, config.data.image_size, config.data.num_channels))
+        eval_records.write_npz(os.path.join(sample_dir, f"samples_{r}.npz"), samples=samples)
+        latents = inception.run_inception(samples, job.extractor)
+        stats = {"pool_3": latents["pool_3"]}
+        if latents["logits"] is not None:
+            stats["logits"] = latents["logits"]
+        eval_records.write_npz(os.path.join(sample_dir, f"statistics_{r}.npz"), **stats)
+        meta = job.save_meta(meta, sampling_rounds_done=r + 1, rng=eval_records.key_to_list(rng))
+    return meta
+
+
+def _sample_metrics(job: _EvalJob, ckpt: int) -> None:
+    """IS / FID / KID of the first ``eval.num_samples`` samples of all hosts -> ``report_<n>.npz`` (process 0)."""
+    num_samples = job.config.eval.num_samples
+    pools, logits = [], []
+    for h in range(parallel.process_count()):
+        host_dir = os.path.join(job.eval_dir, f"ckpt_{ckpt}_host_{h}")
+        files = [os.path.join(host_dir, f"statistics_{r}.npz") for r in range(job.num_sampling_rounds)]
+        _wait_for_host_files(files, f"the sample statistics of host {h}")
+        for f in files:
+            stat = eval_records.read_npz(f)
+            pools.append(stat["pool_3"])
+            if "logits" in stat:
+                logits.append(stat["logits"])
+    all_pools = np.concatenate(pools)[:num_samples]
+    all_logits = np.concatenate(logits)[:num_samples] if logits else None
+    eval_records.check_stats_extractor(job.data_stats, job.extractor, job.stats_path, all_pools.shape[1])
+    scores = metrics.compute_metrics(all_pools, all_logits, job.data_stats["pool_3"])
+    inception_score = scores["IS"] if all_logits is not None else -1.0
+    names = job.names
+    logging.info("ckpt-%d --- %s: %.6e, %s: %.6e, %s: %.6e", ckpt, names["IS"], inception_score,
+                 names["fid"], scores["fid"], names["kid"], scores["kid"])
+    eval_records.write_npz(os.path.join(job.eval_dir, f"report_{ckpt}.npz"), IS=inception_score, fid=scores["fid"],
+                           kid=scores["kid"], num_samples=len(all_pools),
+                           feature_extractor=np.asarray(job.extractor.name))
+
+
+def _evaluate_checkpoint(job: _EvalJob, ckpt: int, meta):
+    """Every part not done yet for checkpoint ``ckpt`` (the meta says what is); returns the updated meta."""
+    state = _wait_and_restore(job.checkpoint_dir, ckpt, job.template, _wait_seconds(job.config))
+    pstate = parallel.replicate(state)
+    if job.p_eval_step is not None and not meta.loss_done:
+        meta = _eval_loss(job, ckpt, pstate, meta)
+    if job.likelihood_fn is not None:
+        meta = _eval_bpd(job, ckpt, pstate, meta)
+    if job.sampling_fn is not None:
+        meta = _sampling_rounds(job, ckpt, pstate, meta)
+        if not meta.metrics_done:
+            if parallel.is_main_process():
+                _sample_metrics(job, ckpt)
+            else:
+                _wait_for_host_files([os.path.join(job.eval_dir, f"report_{ckpt}.npz")], "the metrics of process 0")
+            meta = job.save_meta(meta, metrics_done=True)
+    return meta
 
 
 def evaluate(config, workdir: str, eval_folder: str = "eval", feature_extractor=None) -> dict:
     """Evaluate the checkpoints ``config.eval.begin_ckpt .. end_ckpt`` of ``workdir``, as the original.
 
-    For each checkpoint (waiting for missing ones): the loss on the evaluation split
-    (``eval.enable_loss``), bits/dim through the probability-flow ODE on ``eval.bpd_dataset``
-    (``'test'`` is gone over 5 times; ``eval.enable_bpd``), and ``eval.num_samples`` samples
-    with their Inception features and IS / FID / KID against the dataset statistics
-    (``eval.enable_sampling``; per-host folders ``ckpt_<n>_host_<h>``). Evaluation and sampling
-    use ``params_ema``. Checkpoints written by the original code are read too.
+    For each checkpoint: the loss on the evaluation split (``eval.enable_loss``), bits/dim
+    through the probability-flow ODE on ``eval.bpd_dataset`` (``'test'`` is gone over 5 times;
+    ``eval.enable_bpd``), and ``eval.num_samples`` samples with their Inception features and
+    IS / FID / KID against the dataset statistics (``eval.enable_sampling``; per-host folders
+    ``ckpt_<n>_host_<h>``). Evaluation and sampling use ``params_ema``. Checkpoints written by
+    the original code are read too.
+
+    Before anything is computed or written (no ``workdir/eval_folder`` is created): the range
+    is checked, the feature network and statistics are loaded, the settings are compared with
+    those recorded in ``eval_folder``, and every checkpoint of the range must exist, unless
+    ``eval.wait_for_checkpoints_s > 0``: then each missing one is waited for, up to that many
+    seconds. A checkpoint that cannot be read stops the evaluation at once.
 
     Resumable: a meta file per host (``meta_<h>.json``) is written after every round, and a
     rerun continues at the next round with the same random numbers. The evaluation data are
-    read in a canonical order (see ``evaluation.canonical_order``) and dequantised with
-    seeded noise, so a resumed evaluation gives the numbers of an uninterrupted one.
+    read in a canonical order (see ``eval_records.canonical_order``) and dequantised with
+    seeded noise, so a resumed evaluation gives the numbers of an uninterrupted one. The
+    settings that define the numbers (``eval_records.result_settings``) are recorded in
+    ``settings.json``; rerunning into the same folder with other settings is refused.
 
     Files in ``workdir/eval_folder`` (the original's names): ``ckpt_<n>_loss.npz`` (``all_losses``,
     ``mean_loss``), ``<bpd_dataset>_ckpt_<n>_bpd_<round>.npz``, ``ckpt_<n>_host_<h>/samples_<r>.npz`` and
     ``statistics_<r>.npz`` (``pool_3``, ``logits``), ``report_<n>.npz`` (``IS``, ``fid``, ``kid``), plus
-    ``summary.json`` / ``summary.md``. Numbers from a feature network other than the 2048-d
-    Inception are labelled "(stand-in features)".
+    ``summary.json`` / ``summary.md`` and ``settings.json``. Numbers from a feature network other than
+    the 2048-d Inception are labelled "(stand-in features)".
 
     Args:
         config: the training config (``eval.*`` fields select what is computed).
         workdir: the training run's folder (``checkpoints/`` inside).
         eval_folder: subfolder for the results.
-        feature_extractor: an ``evaluation.FeatureExtractor`` to use instead of loading the
+        feature_extractor: an ``inception.FeatureExtractor`` to use instead of loading the
             Inception network (tests, offline smoke runs).
 
     Returns:
         The summary dict (also written as ``summary.json``).
+
+    Raises:
+        EvaluationError: a bad range or batch size, missing checkpoints, other settings than
+            the folder's results, an unreadable checkpoint; one line naming the field or file.
     """
-    import time
-
-    import likelihood
-    import sampling
-    from score_sde import evaluation as evaluation_lib
-
-    # Everything that can fail for want of a file fails here, before any long computation.
-    names = None
-    if config.eval.enable_sampling:
-        extractor = feature_extractor or evaluation_lib.load_feature_extractor(config)
-        stats_path = evaluation_lib.dataset_stats_path(config)
-        data_stats = evaluation_lib.load_dataset_stats(stats_path)
-        names = evaluation_lib.metric_names(extractor.is_inception, int(np.shape(data_stats["pool_3"])[1]))
-
+    _check_eval_config(config)
+    sample_metrics = _load_sample_metric_inputs(config, feature_extractor) if config.eval.enable_sampling else None
     eval_dir = os.path.join(workdir, eval_folder)
-    os.makedirs(eval_dir, exist_ok=True)
     host = parallel.process_index()
-    rng = jax.random.PRNGKey(config.seed + 1)
-    scaler = datasets.get_data_scaler(config)
-    inverse_scaler = datasets.get_data_inverse_scaler(config)
-    rng, model_rng = jax.random.split(rng)
-    score_model, template = eval_state_template(config, model_rng)
+    settings = eval_records.result_settings(config, parallel.device_count())
+    _check_result_settings(eval_dir, settings)
+    meta = eval_records.load_eval_meta(eval_dir, host)
+    begin, end = config.eval.begin_ckpt, config.eval.end_ckpt
+    first = max(begin, meta.ckpt_id) if meta is not None else begin
     checkpoint_dir = os.path.join(workdir, "checkpoints")
-    sde, sampling_eps = sde_lib.get_sde(config)
-    n_local = parallel.local_device_count()
-    per_device = config.eval.batch_size // parallel.device_count()
-    if per_device * parallel.device_count() != config.eval.batch_size or per_device == 0:
-        raise ValueError(f"config.eval.batch_size = {config.eval.batch_size} must be a positive multiple of the "
-                         f"number of devices ({parallel.device_count()}).")
-    global_batch = config.eval.batch_size
+    _check_checkpoints_present(checkpoint_dir, first, end, _wait_seconds(config))
 
-    if config.eval.enable_loss:
-        p_eval_step = make_train_and_eval_steps(config, sde, score_model)[1]
-        loss_images = _eval_images(config, "test")
-        num_loss_batches = len(loss_images) // global_batch
-        if num_loss_batches == 0:
-            raise ValueError(f"The evaluation split has {len(loss_images)} images, fewer than one batch "
-                             f"(config.eval.batch_size = {global_batch}).")
-
-    bpd_dataset = config.eval.bpd_dataset.lower()
-    if bpd_dataset not in ("train", "test"):
-        raise ValueError(f"config.eval.bpd_dataset = {config.eval.bpd_dataset!r}; use 'train' or 'test'.")
-    bpd_num_repeats = 5 if bpd_dataset == "test" else 1
-    if config.eval.enable_bpd:
-        # The ODE solver and tolerances of config.sampling (new fields; the original's values by default).
-        likelihood_fn = likelihood.get_likelihood_fn(
-            sde, score_model, inverse_scaler, rtol=config.sampling.get("ode_rtol", 1e-5),
-            atol=config.sampling.get("ode_atol", 1e-5), solver=config.sampling.get("ode_solver", "scipy"))
-        bpd_images = _eval_images(config, bpd_dataset)
-        bpd_batches_per_repeat = len(bpd_images) // global_batch
-        if bpd_batches_per_repeat == 0:
-            raise ValueError(f"The {bpd_dataset} split has {len(bpd_images)} images, fewer than one batch "
-                             f"(config.eval.batch_size = {global_batch}).")
-        num_bpd_rounds = bpd_batches_per_repeat * bpd_num_repeats
-    else:
-        num_bpd_rounds = 0
-
-    if config.eval.enable_sampling:
-        sampling_shape = (config.eval.batch_size // n_local, config.data.image_size, config.data.image_size,
-                          config.data.num_channels)
-        sampling_fn = sampling.get_sampling_fn(config, sde, score_model, sampling_shape, inverse_scaler,
-                                               sampling_eps)
-        num_sampling_rounds = -(-config.eval.num_samples // config.eval.batch_size)
-
-    rng = parallel.fold_in_process(rng)
-    meta = evaluation_lib.load_eval_meta(eval_dir, host)
+    rng, model_rng = jax.random.split(jax.random.PRNGKey(config.seed + 1))
+    job = _build_job(config, eval_dir, checkpoint_dir, model_rng, sample_metrics)  # reads the data: can fail
+    os.makedirs(eval_dir, exist_ok=True)
+    if parallel.is_main_process():
+        eval_records.save_settings(eval_dir, settings)
     if meta is None:
-        meta = evaluation_lib.EvalMeta(ckpt_id=config.eval.begin_ckpt, rng=evaluation_lib.key_to_list(rng))
+        meta = eval_records.EvalMeta(ckpt_id=begin, rng=eval_records.key_to_list(parallel.fold_in_process(rng)))
     else:
         logging.info("Resuming the evaluation at checkpoint %d (loss done: %s, bits/dim rounds done: %d, "
                      "sampling rounds done: %d)", meta.ckpt_id, meta.loss_done, meta.bpd_rounds_done,
                      meta.sampling_rounds_done)
 
-    def save_meta(**changes):
-        nonlocal meta
-        meta = meta.replace(**changes)
-        evaluation_lib.save_eval_meta(eval_dir, host, meta)
-
     summary = {"title": f"Evaluation of {workdir}", "eval_dir": eval_dir, "checkpoints": {}}
-    if config.eval.enable_sampling:
-        summary["feature_extractor"] = extractor.name
-        summary["dataset statistics"] = stats_path
-    for ckpt in range(meta.ckpt_id, config.eval.end_ckpt + 1):
-        if ckpt != meta.ckpt_id:
-            save_meta(ckpt_id=ckpt, loss_done=False, bpd_rounds_done=0, sampling_rounds_done=0, metrics_done=False)
-        rng = jax.numpy.asarray(np.asarray(meta.rng, np.uint32))
-        state = _wait_and_restore(checkpoint_dir, ckpt, template)
-        pstate = parallel.replicate(state)
-
-        if config.eval.enable_loss and not meta.loss_done:
-            all_losses = []
-            for i in range(num_loss_batches):
-                batch = loss_images[i * global_batch:(i + 1) * global_batch]
-                if config.data.uniform_dequantization:
-                    batch = evaluation_lib.dequantize(batch, (config.seed, 0, i))
-                else:
-                    batch = evaluation_lib.to_unit_float(batch)
-                batch = _host_rows(scaler(batch), per_device)[:, None]
-                rng, keys = device_keys(rng)
-                (_, _), p_eval_loss = p_eval_step((keys, pstate), {"image": batch})
-                all_losses.extend(np.asarray(parallel.unreplicate(p_eval_loss)).reshape(-1))
-            all_losses = np.asarray(all_losses)
-            if parallel.is_main_process():
-                evaluation_lib.write_npz(os.path.join(eval_dir, f"ckpt_{ckpt}_loss.npz"), all_losses=all_losses,
-                                         mean_loss=all_losses.mean())
-            logging.info("ckpt: %d, eval loss: %.6e", ckpt, all_losses.mean())
-            save_meta(loss_done=True, rng=evaluation_lib.key_to_list(rng))
-
-        for bpd_round in range(meta.bpd_rounds_done, num_bpd_rounds):
-            repeat, batch_id = divmod(bpd_round, bpd_batches_per_repeat)
-            order = np.random.default_rng([config.seed, repeat]).permutation(len(bpd_images))
-            batch = bpd_images[order[batch_id * global_batch:(batch_id + 1) * global_batch]]
-            batch = _host_rows(scaler(evaluation_lib.dequantize(batch, (config.seed, 1, repeat, batch_id))),
-                               per_device)
-            rng, keys = device_keys(rng)
-            bpd = np.asarray(likelihood_fn(keys, pstate, batch)[0]).reshape(-1)
-            suffix = "" if parallel.process_count() == 1 else f"_host_{host}"
-            evaluation_lib.write_npz(
-                os.path.join(eval_dir, f"{bpd_dataset}_ckpt_{ckpt}_bpd_{bpd_round}{suffix}.npz"), bpd)
-            logging.info("ckpt: %d, repeat: %d, batch: %d, mean bpd: %.6f", ckpt, repeat, batch_id, bpd.mean())
-            save_meta(bpd_rounds_done=bpd_round + 1, rng=evaluation_lib.key_to_list(rng))
-
-        if config.eval.enable_sampling:
-            sample_dir = os.path.join(eval_dir, f"ckpt_{ckpt}_host_{host}")
-            os.makedirs(sample_dir, exist_ok=True)
-            for r in range(meta.sampling_rounds_done, num_sampling_rounds):
-                logging.info("sampling -- ckpt: %d, round: %d of %d", ckpt, r + 1, num_sampling_rounds)
-                rng, keys = device_keys(rng)
-                samples, _ = sampling_fn(keys, pstate)
-                samples = np.clip(np.asarray(samples) * 255.0, 0, 255).astype(np.uint8)
-                samples = samples.reshape((-1, config.data.image_size, config.data.image_size,
-                                           config.data.num_channels))
-                evaluation_lib.write_npz(os.path.join(sample_dir, f"samples_{r}.npz"), samples=samples)
-                latents = evaluation_lib.run_inception(samples, extractor)
-                stats = {"pool_3": latents["pool_3"]}
-                if latents["logits"] is not None:
-                    stats["logits"] = latents["logits"]
-                evaluation_lib.write_npz(os.path.join(sample_dir, f"statistics_{r}.npz"), **stats)
-                save_meta(sampling_rounds_done=r + 1, rng=evaluation_lib.key_to_list(rng))
-
-            report_file = os.path.join(eval_dir, f"report_{ckpt}.npz")
-            if parallel.is_main_process() and not meta.metrics_done:
-                pools, logits = [], []
-                for h in range(parallel.process_count()):
-                    host_dir = os.path.join(eval_dir, f"ckpt_{ckpt}_host_{h}")
-                    files = [os.path.join(host_dir, f"statistics_{r}.npz") for r in range(num_sampling_rounds)]
-                    waited = False
-                    while not all(os.path.exists(f) for f in files):
-                        if not waited:
-                            logging.warning("Waiting for the sample statistics of host %d", h)
-                            waited = True
-                        time.sleep(30)
-                    for f in files:
-                        stat = evaluation_lib.read_npz(f)
-                        pools.append(stat["pool_3"])
-                        if "logits" in stat:
-                            logits.append(stat["logits"])
-                all_pools = np.concatenate(pools)[:config.eval.num_samples]
-                all_logits = np.concatenate(logits)[:config.eval.num_samples] if logits else None
-                evaluation_lib.check_stats_extractor(data_stats, extractor, stats_path, all_pools.shape[1])
-                metrics = evaluation_lib.compute_metrics(all_pools, all_logits, data_stats["pool_3"])
-                inception_score = metrics["IS"] if all_logits is not None else -1.0
-                logging.info("ckpt-%d --- %s: %.6e, %s: %.6e, %s: %.6e", ckpt, names["IS"], inception_score,
-                             names["fid"], metrics["fid"], names["kid"], metrics["kid"])
-                evaluation_lib.write_npz(report_file, IS=inception_score, fid=metrics["fid"], kid=metrics["kid"],
-                                         num_samples=len(all_pools), feature_extractor=np.asarray(extractor.name))
-            else:
-                while not os.path.exists(report_file):
-                    time.sleep(1.0)
-            save_meta(metrics_done=True)
-
-        summary["checkpoints"][str(ckpt)] = evaluation_lib.summarize_checkpoint(eval_dir, ckpt, bpd_dataset, names)
+    if sample_metrics is not None:
+        summary["feature_extractor"] = job.extractor.name
+        summary["dataset statistics"] = job.stats_path
+    for ckpt in range(first, end + 1):
+        if ckpt != meta.ckpt_id:  # a new checkpoint (or one after a changed eval.begin_ckpt): nothing done yet
+            meta = job.save_meta(meta, ckpt_id=ckpt, loss_done=False, bpd_rounds_done=0, sampling_rounds_done=0,
+                                 metrics_done=False)
+        meta = _evaluate_checkpoint(job, ckpt, meta)
+        summary["checkpoints"][str(ckpt)] = eval_records.summarize_checkpoint(eval_dir, ckpt, job.bpd_dataset,
+                                                                              job.names)
         if parallel.is_main_process():
-            evaluation_lib.write_summary(os.path.join(eval_dir, "summary"), summary)
-        save_meta(ckpt_id=ckpt + 1, loss_done=False, bpd_rounds_done=0, sampling_rounds_done=0, metrics_done=False,
-                  rng=evaluation_lib.key_to_list(rng))
+            eval_records.write_summary(os.path.join(eval_dir, "summary"), summary)
+        meta = job.save_meta(meta, ckpt_id=ckpt + 1, loss_done=False, bpd_rounds_done=0, sampling_rounds_done=0,
+                             metrics_done=False)
 
-    for ckpt in range(config.eval.begin_ckpt, config.eval.end_ckpt + 1):
-        row = evaluation_lib.summarize_checkpoint(eval_dir, ckpt, bpd_dataset, names)
+    for ckpt in range(begin, end + 1):
+        row = eval_records.summarize_checkpoint(eval_dir, ckpt, job.bpd_dataset, job.names)
         if row:
             summary["checkpoints"][str(ckpt)] = row
     if parallel.is_main_process():
-        evaluation_lib.write_summary(os.path.join(eval_dir, "summary"), summary)
-    os.remove(evaluation_lib.eval_meta_path(eval_dir, host))
+        eval_records.write_summary(os.path.join(eval_dir, "summary"), summary)
+    os.remove(eval_records.eval_meta_path(eval_dir, host))
     return summary
 
 
@@ -569,30 +768,28 @@ def fid_stats(config, workdir: str, feature_extractor=None) -> str:
 
     As the original's users were told to: every image of the training split, as uint8
     (no dequantisation, no dropped last batch), through the same feature network as
-    :func:`evaluate`. Written to ``evaluation.dataset_stats_path(config)``
+    :func:`evaluate`. Written to ``eval_records.dataset_stats_path(config)``
     (``config.eval.stats_dir``, default ``assets/stats/<dataset>_stats.npz``) with ``pool_3``,
     ``mu``, ``sigma``, ``logits`` and the network's name; a short JSON note goes to ``workdir``.
 
     Returns:
         The path of the statistics file.
     """
-    from score_sde import evaluation as evaluation_lib
-
-    extractor = feature_extractor or evaluation_lib.load_feature_extractor(config)
+    extractor = feature_extractor or inception.load_feature_extractor(config)
     images = _eval_images(config, "train")
     if images.dtype != np.uint8:
         images = np.clip(np.round(images * 255.0), 0, 255).astype(np.uint8)
     logging.info("Computing features of %d training images with %s", len(images), extractor.name)
-    latents = evaluation_lib.run_inception(images, extractor)
-    path = evaluation_lib.dataset_stats_path(config)
+    latents = inception.run_inception(images, extractor)
+    path = eval_records.dataset_stats_path(config)
     if parallel.is_main_process():
-        evaluation_lib.save_dataset_stats(path, latents["pool_3"], extractor.name, logits=latents["logits"])
+        eval_records.save_dataset_stats(path, latents["pool_3"], extractor.name, logits=latents["logits"])
         os.makedirs(workdir, exist_ok=True)
         note = {"stats_file": os.path.abspath(path), "num_images": int(len(images)), "dataset": config.data.dataset,
                 "image_size": int(config.data.image_size), "feature_extractor": extractor.name,
                 "feature_dim": int(latents["pool_3"].shape[1]),
-                "stand_in": evaluation_lib.metric_names(extractor.is_inception,
-                                                        latents["pool_3"].shape[1])["fid"] != "FID"}
+                "stand_in": inception.metric_names(extractor.is_inception,
+                                                   latents["pool_3"].shape[1])["fid"] != "FID"}
         with open(os.path.join(workdir, "fid_stats.json"), "w") as fout:
             json.dump(note, fout, indent=2)
         logging.info("Wrote %s (%d images, %d-d features)", path, len(images), latents["pool_3"].shape[1])

@@ -55,6 +55,9 @@ def get_default_configs() -> ml_collections.ConfigDict:
     evaluate.inception_path = ml_collections.config_dict.placeholder(str)
     # Folder of the dataset statistics files (<dataset>_stats.npz); None = assets/stats.
     evaluate.stats_dir = ml_collections.config_dict.placeholder(str)
+    # New: seconds to wait for each checkpoint of begin_ckpt..end_ckpt not written yet (by a running
+    # training); 0 = do not wait: a missing checkpoint is an error at once.
+    evaluate.wait_for_checkpoints_s = 0.
 
     # data
     config.data = data = ml_collections.ConfigDict()

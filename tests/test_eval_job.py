@@ -14,8 +14,10 @@ import time
 
 import numpy as np
 import pytest
+import scipy.linalg
+import scipy.special
 
-from score_sde import evaluation
+from score_sde import eval_records, inception
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -48,10 +50,8 @@ def test_missing_inception_fails_before_anything(tmp_path):
 
     config = _tiny_digits_config(tmp_path)
     config.eval.enable_sampling = True
-    start = time.time()
-    with pytest.raises(evaluation.InceptionUnavailableError, match="config.eval.inception_path"):
+    with pytest.raises(inception.InceptionUnavailableError, match="config.eval.inception_path"):
         run_lib.evaluate(config, str(tmp_path / "no_checkpoints_here"))
-    assert time.time() - start < 30
     assert not (tmp_path / "no_checkpoints_here" / "eval").exists()
 
 
@@ -69,6 +69,19 @@ def test_missing_inception_message_through_main(tmp_path):
     assert "Traceback" not in proc.stderr
 
 
+def test_missing_checkpoints_through_main(tmp_path):
+    """A workdir without checkpoints: one line at once (no waiting), nothing created."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    workdir = tmp_path / "mistyped"
+    proc = subprocess.run(
+        [sys.executable, "main.py", "--config", "configs/vp/digits.py", "--workdir", str(workdir), "--mode", "eval"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 1
+    assert "error: Checkpoint(s) 1 of config.eval.begin_ckpt..end_ckpt = 1..1 are not in" in proc.stderr
+    assert "config.eval.wait_for_checkpoints_s" in proc.stderr and "Traceback" not in proc.stderr
+    assert not workdir.exists()
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A workdir with checkpoints 1 and 2 of a 10-step digits run, the stand-in network and its statistics."""
@@ -80,7 +93,7 @@ def trained(tmp_path_factory):
     run_lib.train(config, str(workdir))
     assert (workdir / "checkpoints" / "checkpoint_2").exists()
     stand_in = root / "stand_in"
-    evaluation.save_stand_in_extractor(str(stand_in))
+    inception.save_stand_in_extractor(str(stand_in))
     config.eval.inception_path = str(stand_in)
     return config, workdir
 
@@ -91,7 +104,7 @@ def test_fid_stats_file(trained):
 
     config, workdir = trained
     path = run_lib.fid_stats(config, str(workdir))
-    stats = evaluation.load_dataset_stats(path)
+    stats = eval_records.load_dataset_stats(path)
     assert path == os.path.join(config.eval.stats_dir, "digits_stats.npz")
     assert stats["pool_3"].shape == (1500, 16)  # every training digit, none dropped
     assert stats["logits"].shape == (1500, 10)
@@ -101,8 +114,8 @@ def test_fid_stats_file(trained):
     from score_sde import datasets
 
     images, _ = datasets.load_digits()
-    extractor = evaluation.load_feature_extractor(config)
-    direct = evaluation.run_inception(images[:1500], extractor)["pool_3"]
+    extractor = inception.load_feature_extractor(config)
+    direct = inception.run_inception(images[:1500], extractor)["pool_3"]
     np.testing.assert_allclose(np.sort(stats["pool_3"][:, 0]), np.sort(direct[:, 0]), rtol=1e-5, atol=1e-6)
 
 
@@ -129,8 +142,9 @@ def test_evaluate_end_to_end(trained):
     samples = np.load(eval_dir / "ckpt_2_host_0" / "samples_0.npz")["samples"]
     assert samples.dtype == np.uint8 and samples.shape == (297, 8, 8, 1)
     report = np.load(eval_dir / "report_2.npz")
-    assert report["fid"] > 0 and np.isfinite(report["kid"]) and 1 <= report["IS"] <= 10  # stand-in: 10 classes
     assert int(report["num_samples"]) == 60  # config.eval.num_samples of the 297 drawn
+    _check_report_against_statistics(config, eval_dir, report)
+    _check_bpd_round_against_likelihood_fn(config, workdir, eval_dir)
     row = summary["checkpoints"]["2"]
     assert "FID (stand-in features)" in row and "FID" not in row
     assert row["FID (stand-in features)"] == pytest.approx(float(report["fid"]))
@@ -140,6 +154,62 @@ def test_evaluate_end_to_end(trained):
     markdown = (eval_dir / "summary.md").read_text()
     assert "FID (stand-in features)" in markdown and "| FID |" not in markdown
     assert not (eval_dir / "meta_0.json").exists()  # finished: the meta file is removed, as the original
+
+
+def _check_report_against_statistics(config, eval_dir, report):
+    """IS / FID / KID recomputed here, by the textbook formulas, from the written features and the stats file."""
+    stats = np.load(eval_dir / "ckpt_2_host_0" / "statistics_0.npz")
+    samples = np.load(eval_dir / "ckpt_2_host_0" / "samples_0.npz")["samples"]
+    # The statistics are the stand-in network's features of the written samples.
+    features = inception.run_inception(samples, inception.load_feature_extractor(config))
+    np.testing.assert_allclose(stats["pool_3"], features["pool_3"], rtol=1e-5, atol=1e-6)
+    gen = stats["pool_3"][:60].astype(np.float64)
+    real = eval_records.load_dataset_stats(config)["pool_3"].astype(np.float64)
+    root = scipy.linalg.sqrtm(np.cov(real, rowvar=False) @ np.cov(gen, rowvar=False)).real
+    fid = (np.sum((real.mean(0) - gen.mean(0)) ** 2) + np.trace(np.cov(real, rowvar=False))
+           + np.trace(np.cov(gen, rowvar=False)) - 2 * np.trace(root))
+    assert float(report["fid"]) == pytest.approx(fid, rel=1e-6)
+    # KID: 1500 real and 60 generated features in 2 blocks (at most 1024 each) of 750 / 30.
+    kernel = lambda a, b: (a @ b.T / a.shape[1] + 1) ** 3  # noqa: E731
+    blocks = []
+    for r, g in ((real[:750], gen[:30]), (real[750:], gen[30:])):
+        k_rr, k_gg = kernel(r, r), kernel(g, g)
+        blocks.append((k_rr.sum() - np.trace(k_rr)) / (len(r) * (len(r) - 1))
+                      + (k_gg.sum() - np.trace(k_gg)) / (len(g) * (len(g) - 1)) - 2 * kernel(r, g).mean())
+    assert float(report["kid"]) == pytest.approx(np.mean(blocks), rel=1e-6)
+    p = scipy.special.softmax(stats["logits"][:60].astype(np.float64), axis=1)
+    inception_score = np.exp(np.mean(np.sum(p * (np.log(p) - np.log(p.mean(0))), axis=1)))
+    assert float(report["IS"]) == pytest.approx(inception_score, rel=1e-6)
+
+
+def _check_bpd_round_against_likelihood_fn(config, workdir, eval_dir):
+    """Bits/dim round 1 (repeat 1 of the test split) recomputed with likelihood_fn on the same batch and keys."""
+    import jax
+
+    import likelihood
+    import run_lib
+    import sde_lib
+    from score_sde import checkpoints, datasets, parallel
+
+    seed, n = config.seed, 297
+    # The batch: the test digits in canonical order, permuted by repeat 1's seed, dequantised with its noise.
+    images = run_lib._eval_images(config, "test")
+    batch = images[np.random.default_rng([seed, 1]).permutation(n)].astype(np.float32) / 255.0
+    noise = np.random.default_rng([seed, 1, 1, 0]).random(batch.shape, dtype=np.float32)
+    batch = datasets.get_data_scaler(config)((noise + batch * 255.0) / 256.0)[None]
+    # The keys: PRNGKey(seed + 1), split off the model key, fold in process 0, one split for the loss
+    # batch, one for bits/dim round 0, one for round 1.
+    rng = jax.random.fold_in(jax.random.split(jax.random.PRNGKey(seed + 1))[0], 0)
+    for _ in range(3):
+        rng, keys = parallel.split_per_device(rng)
+    model, template = run_lib.eval_state_template(config, jax.random.PRNGKey(0))
+    state = checkpoints.restore_checkpoint(str(workdir / "checkpoints" / "checkpoint_2"), template)
+    sde, _ = sde_lib.get_sde(config)
+    likelihood_fn = likelihood.get_likelihood_fn(sde, model, datasets.get_data_inverse_scaler(config),
+                                                 rtol=config.sampling.ode_rtol, atol=config.sampling.ode_atol,
+                                                 solver=config.sampling.ode_solver)
+    bpd = np.asarray(likelihood_fn(keys, parallel.replicate(state), batch)[0]).reshape(-1)
+    np.testing.assert_allclose(np.load(eval_dir / "test_ckpt_2_bpd_1.npz")["arr_0"], bpd, rtol=1e-6)
 
 
 _DRIVER = """
@@ -187,6 +257,14 @@ def test_eval_kill_and_resume(trained):
     done = meta["bpd_rounds_done"]
     assert 2 <= done < num_rounds
     first_rounds = {r: (eval_dir / f"test_ckpt_2_bpd_{r}.npz").stat().st_mtime_ns for r in range(done)}
+
+    # Resuming with another ODE tolerance would average rounds of two settings: refused, nothing on disk changes.
+    before = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in eval_dir.rglob("*") if p.is_file()}
+    changed = subprocess.run(_eval_command(workdir, "eval_killed", dict(overrides, **{"sampling.ode_rtol": 1e-3})),
+                             cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert changed.returncode != 0
+    assert "holds results computed with other settings (sampling.ode_rtol: 1e-05 -> 0.001)" in changed.stderr
+    assert {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in eval_dir.rglob("*") if p.is_file()} == before
 
     resumed = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=1800)
     assert resumed.returncode == 0, resumed.stderr[-3000:]

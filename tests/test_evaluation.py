@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import scipy.linalg
 
-from score_sde import evaluation
+from score_sde import eval_records, inception, metrics
 
 
 def _random_spd(rng, d, scale=1.0):
@@ -15,19 +15,19 @@ def _random_spd(rng, d, scale=1.0):
 # ---------------------------------------------------------------- Inception Score
 
 def test_is_uniform_logits_is_one():
-    assert evaluation.classifier_score_from_logits(np.zeros((50, 10))) == pytest.approx(1.0, abs=1e-12)
+    assert metrics.classifier_score_from_logits(np.zeros((50, 10))) == pytest.approx(1.0, abs=1e-12)
 
 
 @pytest.mark.parametrize("num_classes", [2, 7, 10])
 def test_is_confident_distinct_classes_is_class_count(num_classes):
     labels = np.tile(np.arange(num_classes), 5)
     logits = 60.0 * np.eye(num_classes)[labels]
-    assert evaluation.classifier_score_from_logits(logits) == pytest.approx(num_classes, rel=1e-9)
+    assert metrics.classifier_score_from_logits(logits) == pytest.approx(num_classes, rel=1e-9)
 
 
 def test_is_finite_with_extreme_logits():
     logits = np.array([[2000.0, 0.0, -2000.0], [0.0, 2000.0, -2000.0]])  # class 2 underflows to probability 0
-    assert evaluation.classifier_score_from_logits(logits) == pytest.approx(2.0, rel=1e-12)
+    assert metrics.classifier_score_from_logits(logits) == pytest.approx(2.0, rel=1e-12)
 
 
 def test_is_matches_definition():
@@ -36,21 +36,21 @@ def test_is_matches_definition():
     p = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
     q = p.mean(0)
     expected = np.exp(np.mean(np.sum(p * np.log(p / q), axis=1)))
-    assert evaluation.classifier_score_from_logits(logits) == pytest.approx(expected, rel=1e-12)
+    assert metrics.classifier_score_from_logits(logits) == pytest.approx(expected, rel=1e-12)
 
 
 # ---------------------------------------------------------------- FID
 
 def test_fid_of_a_set_with_itself_is_zero():
     x = np.random.default_rng(1).normal(size=(300, 32))
-    assert evaluation.frechet_classifier_distance_from_activations(x, x) == pytest.approx(0.0, abs=1e-8)
+    assert metrics.frechet_classifier_distance_from_activations(x, x) == pytest.approx(0.0, abs=1e-8)
 
 
 def test_trace_sqrt_product_matches_scipy_sqrtm():
     rng = np.random.default_rng(2)
     a, b = _random_spd(rng, 64), _random_spd(rng, 64, scale=3.0)
     expected = np.trace(scipy.linalg.sqrtm(a @ b)).real
-    assert evaluation.trace_sqrt_product(a, b) == pytest.approx(expected, rel=1e-9)
+    assert metrics.trace_sqrt_product(a, b) == pytest.approx(expected, rel=1e-9)
 
 
 def test_fid_of_samples_approaches_gaussian_closed_form():
@@ -61,19 +61,19 @@ def test_fid_of_samples_approaches_gaussian_closed_form():
     root1 = scipy.linalg.sqrtm(s1).real
     closed = (np.sum((mu1 - mu2) ** 2) + np.trace(s1) + np.trace(s2)
               - 2 * np.trace(scipy.linalg.sqrtm(root1 @ s2 @ root1).real))
-    assert evaluation.frechet_distance(mu1, s1, mu2, s2) == pytest.approx(closed, rel=1e-9)
+    assert metrics.frechet_distance(mu1, s1, mu2, s2) == pytest.approx(closed, rel=1e-9)
     errors = []
     for n in (2_000, 200_000):
         x = rng.multivariate_normal(mu1, s1, size=n)
         y = rng.multivariate_normal(mu2, s2, size=n)
-        errors.append(abs(evaluation.frechet_classifier_distance_from_activations(x, y) - closed))
+        errors.append(abs(metrics.frechet_classifier_distance_from_activations(x, y) - closed))
     assert errors[1] < 0.02 * closed
     assert errors[1] < errors[0]
 
 
 def test_gaussian_statistics_unbiased():
     x = np.random.default_rng(4).normal(size=(20, 3))
-    mu, sigma = evaluation.gaussian_statistics(x)
+    mu, sigma = metrics.gaussian_statistics(x)
     np.testing.assert_allclose(mu, x.mean(0))
     np.testing.assert_allclose(sigma, np.cov(x, rowvar=False))
 
@@ -92,7 +92,7 @@ def _kid_brute_force(x, y):
 def test_kid_single_block_equals_unbiased_mmd():
     rng = np.random.default_rng(5)
     x, y = rng.normal(size=(30, 5)), rng.normal(0.5, 1.0, size=(41, 5))
-    kid, std = evaluation.kernel_classifier_distance_and_std_from_activations(x, y)
+    kid, std = metrics.kernel_classifier_distance_and_std_from_activations(x, y)
     assert kid == pytest.approx(_kid_brute_force(x, y), rel=1e-12)
     assert np.isnan(std)
 
@@ -100,7 +100,7 @@ def test_kid_single_block_equals_unbiased_mmd():
 def test_kid_blocks_average_unbiased_blocks():
     rng = np.random.default_rng(6)
     x, y = rng.normal(size=(25, 4)), rng.normal(size=(23, 4)) + 1
-    kid, std = evaluation.kernel_classifier_distance_and_std_from_activations(x, y, max_block_size=10)
+    kid, std = metrics.kernel_classifier_distance_and_std_from_activations(x, y, max_block_size=10)
     # 3 blocks; sizes differ by at most one, larger blocks last (tfgan's split).
     blocks = [_kid_brute_force(x[a:b], y[c:e]) for (a, b), (c, e) in
               zip([(0, 8), (8, 16), (16, 25)], [(0, 7), (7, 15), (15, 23)])]
@@ -114,7 +114,7 @@ def test_kid_is_unbiased_for_one_distribution():
     kids, biased = [], []
     for _ in range(60):
         x, y = rng.normal(size=(60, 8)), rng.normal(size=(60, 8))
-        kids.append(evaluation.kernel_classifier_distance_from_activations(x, y))
+        kids.append(metrics.kernel_classifier_distance_from_activations(x, y))
         d = 8
         k = lambda a, b: (a @ b.T / d + 1) ** 3  # noqa: E731
         biased.append(k(x, x).mean() + k(y, y).mean() - 2 * k(x, y).mean())
@@ -122,7 +122,7 @@ def test_kid_is_unbiased_for_one_distribution():
     sem = kids.std(ddof=1) / np.sqrt(len(kids))
     assert abs(kids.mean()) < 3 * sem
     assert np.mean(biased) > 10 * sem
-    shifted = evaluation.kernel_classifier_distance_from_activations(rng.normal(size=(60, 8)),
+    shifted = metrics.kernel_classifier_distance_from_activations(rng.normal(size=(60, 8)),
                                                                      rng.normal(1.0, 1.0, size=(60, 8)))
     assert shifted > 10 * sem
 
@@ -130,9 +130,9 @@ def test_kid_is_unbiased_for_one_distribution():
 # ---------------------------------------------------------------- names, stats files, features
 
 def test_metric_names_never_fid_for_stand_in():
-    assert evaluation.metric_names(True, 2048)["fid"] == "FID"
-    assert evaluation.metric_names(True, 16)["fid"] == "FID (stand-in features)"
-    assert evaluation.metric_names(False, 2048)["kid"] == "KID (stand-in features)"
+    assert inception.metric_names(True, 2048)["fid"] == "FID"
+    assert inception.metric_names(True, 16)["fid"] == "FID (stand-in features)"
+    assert inception.metric_names(False, 2048)["kid"] == "KID (stand-in features)"
 
 
 def _config(tmp_path, dataset="CIFAR10"):
@@ -144,51 +144,51 @@ def _config(tmp_path, dataset="CIFAR10"):
 
 def test_stats_round_trip(tmp_path):
     config = _config(tmp_path)
-    path = evaluation.dataset_stats_path(config)
+    path = eval_records.dataset_stats_path(config)
     assert path.endswith("stats/cifar10_stats.npz")
     pools = np.random.default_rng(8).normal(size=(50, 12)).astype(np.float32)
-    evaluation.save_dataset_stats(path, pools, extractor_name="stand-in")
-    stats = evaluation.load_dataset_stats(config)
+    eval_records.save_dataset_stats(path, pools, extractor_name="stand-in")
+    stats = eval_records.load_dataset_stats(config)
     np.testing.assert_array_equal(stats["pool_3"], pools)
     np.testing.assert_allclose(stats["mu"], pools.astype(np.float64).mean(0), rtol=1e-12)
     np.testing.assert_allclose(stats["sigma"], np.cov(pools.astype(np.float64), rowvar=False), rtol=1e-6)
     assert stats["feature_extractor"] == "stand-in"
     lsun = _config(tmp_path, "LSUN")
-    assert evaluation.stats_filename(lsun) == "lsun_church_outdoor_32_stats.npz"
+    assert eval_records.stats_filename(lsun) == "lsun_church_outdoor_32_stats.npz"
 
 
 def test_missing_stats_message(tmp_path):
-    with pytest.raises(evaluation.StatsUnavailableError, match="--mode fid_stats"):
-        evaluation.load_dataset_stats(_config(tmp_path))
+    with pytest.raises(eval_records.StatsUnavailableError, match="--mode fid_stats"):
+        eval_records.load_dataset_stats(_config(tmp_path))
 
 
 def test_missing_inception_message(tmp_path):
     config = _config(tmp_path)
-    with pytest.raises(evaluation.InceptionUnavailableError, match="inception_path"):
-        evaluation.load_feature_extractor(config)  # tensorflow_hub absent / offline
+    with pytest.raises(inception.InceptionUnavailableError, match="inception_path"):
+        inception.load_feature_extractor(config)  # tensorflow_hub absent / offline
     config.eval.inception_path = str(tmp_path / "nowhere")
-    with pytest.raises(evaluation.InceptionUnavailableError, match="nowhere"):
-        evaluation.load_feature_extractor(config)
+    with pytest.raises(inception.InceptionUnavailableError, match="nowhere"):
+        inception.load_feature_extractor(config)
 
 
 def test_stand_in_saved_model_features(tmp_path):
     path = str(tmp_path / "stand_in")
-    evaluation.save_stand_in_extractor(path, feature_dim=16, num_classes=10)
+    inception.save_stand_in_extractor(path, feature_dim=16, num_classes=10)
     config = _config(tmp_path)
     config.eval.inception_path = path
-    extractor = evaluation.load_feature_extractor(config)
+    extractor = inception.load_feature_extractor(config)
     rng = np.random.default_rng(9)
     images = rng.integers(0, 256, size=(7, 8, 8, 3), dtype=np.uint8)
-    out = evaluation.run_inception(images, extractor, batch_size=3)
+    out = inception.run_inception(images, extractor, batch_size=3)
     assert out["pool_3"].shape == (7, 16) and out["logits"].shape == (7, 10)
     # The same numbers as calling the network directly on (x - 127.5) / 127.5, in one batch.
     direct = extractor.model((images.astype(np.float32) - 127.5) / 127.5)
     np.testing.assert_allclose(out["pool_3"], direct["pool_3"].numpy(), rtol=1e-6, atol=1e-6)
     # Grayscale images are repeated to three channels.
     gray = images[..., :1]
-    np.testing.assert_allclose(evaluation.run_inception(gray, extractor)["pool_3"],
-                               evaluation.run_inception(np.repeat(gray, 3, -1), extractor)["pool_3"])
-    names = evaluation.metric_names(extractor.is_inception, out["pool_3"].shape[1])
+    np.testing.assert_allclose(inception.run_inception(gray, extractor)["pool_3"],
+                               inception.run_inception(np.repeat(gray, 3, -1), extractor)["pool_3"])
+    names = inception.metric_names(extractor.is_inception, out["pool_3"].shape[1])
     assert names["fid"] == "FID (stand-in features)"
 
 
@@ -202,7 +202,74 @@ def test_fixed_size_model_gets_resized_inputs(tmp_path):
 
     path = str(tmp_path / "fixed")
     tf.saved_model.save(Fixed(), path)
-    extractor = evaluation.load_saved_model_extractor(path, is_inception=False)
+    extractor = inception.load_saved_model_extractor(path, is_inception=False)
     assert extractor.input_size == (12, 12)
     images = np.full((2, 5, 5, 3), 255, np.uint8)
-    np.testing.assert_allclose(evaluation.run_inception(images, extractor)["pool_3"], 1.0, rtol=1e-6)
+    np.testing.assert_allclose(inception.run_inception(images, extractor)["pool_3"], 1.0, rtol=1e-6)
+
+
+# ---------------------------------------------------------------- bad input: one ValueError naming the input
+
+def _features(n=20, d=4, seed=10):
+    return np.random.default_rng(seed).normal(size=(n, d))
+
+
+def _with(x, row, value):
+    x = x.copy()
+    x[row, 1] = value
+    return x
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_fid_and_kid_refuse_non_finite_features(bad):
+    real, gen = _features(), _features(seed=11)
+    for fn in (metrics.frechet_classifier_distance_from_activations,
+               metrics.kernel_classifier_distance_from_activations):
+        with pytest.raises(ValueError, match=r"generated_activations holds NaN or infinite values in 1 of 20 rows"):
+            fn(real, _with(gen, 3, bad))
+        with pytest.raises(ValueError, match=r"real_activations holds NaN or infinite values in 1 of 20 rows"):
+            fn(_with(real, 0, bad), gen)
+
+
+def test_is_refuses_nan_logits():
+    with pytest.raises(ValueError, match=r"logits holds NaN or infinite values in 1 of 20 rows"):
+        metrics.classifier_score_from_logits(_with(_features(), 5, np.nan))
+
+
+@pytest.mark.parametrize("fn, args, name", [
+    (metrics.classifier_score_from_logits, (np.zeros((0, 10)),), "logits"),
+    (metrics.frechet_classifier_distance_from_activations, (np.zeros((0, 4)), _features()), "real_activations"),
+    (metrics.frechet_classifier_distance_from_activations, (_features(), np.zeros((0, 4))), "generated_activations"),
+    (metrics.kernel_classifier_distance_from_activations, (np.zeros((0, 4)), _features()), "real_activations"),
+    (metrics.kernel_classifier_distance_from_activations, (_features(), np.zeros((0, 4))), "generated_activations"),
+    (metrics.kernel_classifier_distance_from_activations, (np.zeros((0, 4)), np.zeros((0, 4))), "real_activations"),
+])
+def test_empty_inputs_are_refused(fn, args, name):
+    with pytest.raises(ValueError, match=rf"^{name} has shape \(0, "):
+        fn(*args)
+
+
+@pytest.mark.parametrize("size", [-5, 0, 1])
+def test_kid_refuses_bad_block_size(size):
+    with pytest.raises(ValueError, match=rf"max_block_size = {size}; it must be an integer >= 2"):
+        metrics.kernel_classifier_distance_from_activations(_features(), _features(seed=11), max_block_size=size)
+
+
+def test_fid_refuses_a_covariance_that_is_not_psd():
+    """sigma1 = -I, sigma2 = I would give FID 0.0 (the clipped root of -I is 0); a covariance is never -I."""
+    mu, eye = np.zeros(3), np.eye(3)
+    with pytest.raises(ValueError, match=r"sigma1 is not positive semi-definite \(smallest eigenvalue -1\)"):
+        metrics.frechet_distance(mu, -eye, mu, eye)
+    with pytest.raises(ValueError, match="sigma2 is not symmetric"):
+        metrics.frechet_distance(mu, eye, mu, eye + np.triu(np.ones((3, 3)), 1))
+    with pytest.raises(ValueError, match="mu2 holds NaN"):
+        metrics.frechet_distance(mu, eye, np.array([0.0, np.nan, 0.0]), eye)
+
+
+def test_fid_accepts_singular_covariances():
+    """Fewer samples than feature dimensions (rank-deficient covariances, round-off eigenvalues < 0) are valid."""
+    x = np.random.default_rng(12).normal(size=(20, 256)).astype(np.float32)
+    trace = 2 * np.trace(np.cov(x.astype(np.float64), rowvar=False))  # the size of the terms that cancel
+    assert metrics.frechet_classifier_distance_from_activations(x, x) == pytest.approx(0.0, abs=1e-6 * trace)
+    y = np.random.default_rng(13).normal(size=(20, 256)).astype(np.float32)
+    assert metrics.frechet_classifier_distance_from_activations(x, y) > 0

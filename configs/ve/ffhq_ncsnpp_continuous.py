@@ -52,6 +52,7 @@ def get_config():
     evaluate.bpd_dataset = 'test'  # added
     evaluate.inception_path = ml_collections.config_dict.placeholder(str)  # added
     evaluate.stats_dir = ml_collections.config_dict.placeholder(str)  # added
+    evaluate.wait_for_checkpoints_s = 0.  # added
 
     # data
     config.data = data = ml_collections.ConfigDict()
