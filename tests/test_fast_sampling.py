@@ -69,13 +69,14 @@ ODE_CASES = [
     ("heun", {}, 2, (16, 32, 64)),
     ("dpm_solver", {"order": 2}, 2, (16, 32, 64)),
     ("dpm_solver_pp", {"lower_order_final": False}, 2, (24, 48, 96)),
+    ("dpm_solver_pp", {"lower_order_final": False, "time_schedule": "time_uniform"}, 2, (24, 48, 96)),
     ("dpm_solver", {"order": 3}, 3, (8, 12, 16)),
 ]
 
 
 @pytest.mark.parametrize("sde_name", SDE_NAMES)
 @pytest.mark.parametrize("name,options,order,steps_list", ODE_CASES,
-                         ids=[f"{c[0]}{c[1].get('order', '')}" for c in ODE_CASES])
+                         ids=[f"{c[0]}{c[1].get('order', '')}-{c[1].get('time_schedule', '')}" for c in ODE_CASES])
 def test_ode_sampler_converges_to_the_exact_flow_map_at_its_order(sde_name, name, options, order, steps_list):
     """RMS endpoint error against toy.Gaussian.flow_map(T -> eps) falls like steps^-order.
 
@@ -111,7 +112,7 @@ def test_ddim_eta0_equals_first_order_dpm_solver(sde_name, schedule):
 
 STOCHASTIC_CASES = [
     ("ddim", {"eta": 1.0, "steps": 200}),
-    ("ddim", {"eta": 0.5, "steps": 100}),
+    ("ddim", {"eta": 0.5, "steps": 200}),
     ("heun", {"churn": 10.0, "steps": 50}),
     ("adaptive_sde", {}),
 ]
@@ -125,7 +126,8 @@ def test_stochastic_sampler_matches_the_mean_and_covariance(sde_name, name, opti
     For n samples the whitened mean has standard error 1/sqrt(n) per entry and the whitened
     covariance sqrt(2/n) on the diagonal, 1/sqrt(n) off it; 5 s.e. over 64 + 2080 entries is exceeded by
     chance with probability < 1e-3. 64-D data: the adaptive solver's noise-dependent error norm needs
-    many components (see its docstring).
+    many components (see its docstring). The step counts make DDIM's and Heun's discretisation bias
+    (O(1/steps) for ancestral sampling) smaller than the Monte-Carlo error.
     """
     d, n = 64, 4000
     sde = make_sde(sde_name)
