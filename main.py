@@ -4,16 +4,22 @@
     python main.py --config configs/vp/cifar10_ddpmpp_continuous.py --workdir runs/c10 --mode eval \\
         --eval_folder eval --config.eval.batch_size=256
 
-Any config field can be overridden with ``--config.<section>.<field>=<value>``. For several
+Any config field can be overridden with ``--config.<section>.<field>=<value>``. Every expected failure
+(a missing config file, a misspelt field, an invalid value, a workdir trained with another config,
+missing data, a damaged checkpoint, a read-only or full disk, divergence) ends with one line
+``error: ...`` on stderr and exit status 2 (before any work) or 1. For several
 hosts, start the same command on each with ``--coordinator_address host:port
 --num_processes P --process_id i`` (or the environment variables ``JAX_COORDINATOR_ADDRESS``,
 ``JAX_NUM_PROCESSES``, ``JAX_PROCESS_ID``).
 """
 from __future__ import annotations
 
+import errno
+import os
+import re
 import sys
 
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections.config_flags import config_flags
 
 FLAGS = flags.FLAGS
@@ -34,9 +40,48 @@ MODES = {
 }
 
 
+# OSError numbers of a workdir that cannot be written: permissions, read-only file system, full disk or quota.
+_DISK_ERRNOS = frozenset({errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT})
+
+
 def _fail(message: str, code: int = 2) -> None:
     print(f"error: {message}", file=sys.stderr)
     sys.exit(code)
+
+
+def _config_file_message(argv: list[str]) -> str:
+    """One line for a ``--config`` file that could not be loaded (its path taken from ``argv``)."""
+    values = [b if a == "--config" else a.split("=", 1)[1] for a, b in zip(argv, argv[1:] + [""])
+              if a == "--config" or a.startswith("--config=")]
+    path = values[-1].split(":", 1)[0] if values else ""
+    if not os.path.isfile(path):
+        return (f"--config={path}: no such config file (looked for {os.path.abspath(path)}); give the path of a "
+                "file under configs/, e.g. --config configs/vp/digits.py.")
+    return f"--config={path} could not be loaded; run `python {path}` to see why."
+
+
+def _unknown_field_message(argv: list[str], err: Exception) -> str:
+    """One line for an override ``--config.a.b=v`` whose field does not exist (ml_collections' error text)."""
+    text = str(err.args[0]) if err.args else str(err)
+    suggestion = re.search(r'Did you mean "(\w+)" instead of "(\w+)"', text)
+    names = re.findall(r"'(\w+)'", text)
+    field = suggestion.group(2) if suggestion else names[0] if names else text
+    flag = next((a.split("=", 1)[0] for a in argv if a.startswith("--config.")
+                 and field in a.split("=", 1)[0].split(".")[1:]), "--config.<field>")
+    hint = f"; did you mean {suggestion.group(1)!r}?" if suggestion else ""
+    return f"{flag}: the config has no field {field!r}{hint}"
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing, each error one line (ml_collections raises plain exceptions for config overrides)."""
+    try:
+        return FLAGS(argv)
+    except flags.Error as err:
+        _fail(str(err))
+    except OSError:  # an override touched a config whose file failed to load
+        _fail(_config_file_message(argv))
+    except (AttributeError, KeyError) as err:
+        _fail(_unknown_field_message(argv, err))
 
 
 def main(argv) -> None:
@@ -48,6 +93,10 @@ def main(argv) -> None:
         _fail("--workdir is required: the folder for checkpoints, samples and logs.")
     if FLAGS.config is None:
         _fail("--config is required, e.g. --config configs/vp/digits.py.")
+    try:
+        FLAGS.config.get("training")
+    except OSError:  # ml_collections defers a config file's load error to the first use of the config
+        _fail(_config_file_message(sys.argv))
 
     # Joining a multi-process run must come before anything touches a JAX backend.
     from score_sde import parallel
@@ -68,6 +117,7 @@ def main(argv) -> None:
     tf.config.set_visible_devices([], "GPU")
 
     import run_lib
+    from score_sde.checkpoints import CorruptCheckpointError
     from score_sde.datasets import DatasetUnavailableError
 
     job = getattr(run_lib, function_name, None)
@@ -76,10 +126,15 @@ def main(argv) -> None:
     kwargs = {"eval_folder": FLAGS.eval_folder} if FLAGS.mode == "eval" else {}
     try:
         job(FLAGS.config, FLAGS.workdir, **kwargs)
-    except (run_lib.TrainingDivergedError, DatasetUnavailableError) as err:
-        logging.error("%s", err)
+    except (run_lib.TrainingDivergedError, run_lib.EvaluationError, run_lib.WorkdirConfigError,
+            DatasetUnavailableError, CorruptCheckpointError) as err:
         _fail(str(err), code=1)
+    except OSError as err:
+        if err.errno not in _DISK_ERRNOS:
+            raise
+        _fail(f"cannot write {err.filename or FLAGS.workdir}: {err.strerror}. Make it writable or free disk "
+              "space, or choose another --workdir.", code=1)
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=_parse_flags)

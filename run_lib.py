@@ -3,12 +3,17 @@
 This is the only module that owns a working directory. A training workdir holds::
 
     workdir/
-      config.json             the resolved config of the run
+      config.json             the resolved config the run goes on with (rewritten on every (re)start)
+      config_history.jsonl    one line per config the workdir has run with: time, step, changes, config
       stdout.txt              the log (appended to on every (re)start)
-      checkpoints/            numbered checkpoints  checkpoint_<step // snapshot_freq>
-      checkpoints-meta/       the latest preemption checkpoint; a restart resumes from it
+      checkpoints/            numbered checkpoints  checkpoint_<ceil(step / snapshot_freq)>
+      checkpoints-meta/       the newest preemption checkpoint; a restart resumes from the newest state
       samples/                iter_<step>.png (+ .npy, uint8) snapshot sample grids
       tensorboard/            TensorBoard event files (training_loss, eval_loss, steps_per_sec)
+
+A restart compares its config with ``config.json`` before it writes anything: only the fields of
+``config_checks.SAFE_TO_CHANGE`` may differ (logged); any other difference stops it with
+:class:`WorkdirConfigError`, the workdir untouched.
 
 Multi-process runs: every process trains its replicas (gradients are averaged over all
 devices of all processes); only process 0 writes checkpoints, summaries and the log file,
@@ -21,6 +26,7 @@ import json
 import logging
 import os
 import time
+import time
 from typing import Any, Callable, Iterator
 
 import jax
@@ -32,24 +38,90 @@ import losses
 import sampling
 import sde_lib
 from models import utils as mutils
-from score_sde import checkpoints, datasets, eval_records, inception, metrics, parallel, reporting
+from score_sde import checkpoints, config_checks, datasets, eval_records, inception, metrics, parallel, reporting
 
 
 class TrainingDivergedError(FloatingPointError):
     """The training loss (or the parameters) became NaN or infinite; training stopped."""
 
 
+class WorkdirConfigError(ValueError):
+    """The config differs from the workdir's ``config.json`` in a field that defines its checkpoints."""
+
+
 # ---------------------------------------------------------------------------------------------
 # Small helpers shared by the jobs
 # ---------------------------------------------------------------------------------------------
 
-def save_config(config, workdir: str) -> str:
-    """Write the resolved ``config`` as ``workdir/config.json`` (process 0 only); returns the path."""
+CONFIG_HISTORY = "config_history.jsonl"
+
+
+def _config_dict(config) -> dict:
+    """``config`` as the JSON dict that ``config.json`` holds (tuples become lists)."""
+    return json.loads(config.to_json_best_effort())
+
+
+def check_workdir_config(config, workdir: str, has_checkpoints: bool) -> dict[str, tuple]:
+    """Compare ``config`` with ``workdir/config.json`` (reads only); return the changes that are allowed.
+
+    Returns:
+        ``field -> (old, new)`` of the differing fields listed in ``config_checks.SAFE_TO_CHANGE``
+        (all differences when the workdir holds no checkpoint: nothing would be resumed); empty
+        for a new workdir.
+
+    Raises:
+        WorkdirConfigError: the workdir holds checkpoints and another field differs; one line
+            naming every such field with both values.
+    """
     path = os.path.join(workdir, "config.json")
-    if parallel.is_main_process():
-        with open(path, "w") as f:
-            f.write(config.to_json_best_effort(indent=2, sort_keys=True))
-            f.write("\n")
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        recorded = json.load(f)
+    safe, unsafe = config_checks.config_changes(recorded, _config_dict(config))
+    if unsafe and has_checkpoints:
+        fields = "; ".join(f"{field}: {old!r} -> {new!r}" for field, (old, new) in unsafe.items())
+        raise WorkdirConfigError(
+            f"{workdir} holds checkpoints trained with another config ({path}); refusing to resume with "
+            f"different {fields}. Use a new --workdir for a new run, or the recorded values to go on with "
+            f"this one (fields that may change between runs: {', '.join(config_checks.SAFE_TO_CHANGE)}).")
+    return {**safe, **unsafe}
+
+
+def save_config(config, workdir: str, step: int = 0, changes: dict | None = None) -> str:
+    """Record the config a run goes on with: ``workdir/config.json`` and a line of ``config_history.jsonl``.
+
+    ``config.json`` is replaced atomically; the history gets a line ``{"time", "step", "changes",
+    "config"}`` when the config differs from the last one recorded (the first time, a
+    ``config.json`` left by an older version is recorded first). Process 0 only.
+
+    Args:
+        config: the resolved config.
+        workdir: the run's folder.
+        step: the training step the run starts or resumes at.
+        changes: ``field -> (old, new)`` against the previous config (:func:`check_workdir_config`).
+
+    Returns:
+        The path of ``config.json``.
+    """
+    path = os.path.join(workdir, "config.json")
+    if not parallel.is_main_process():
+        return path
+    history = os.path.join(workdir, CONFIG_HISTORY)
+    entries = []
+    if not os.path.exists(history) and os.path.exists(path):
+        with open(path) as f:
+            entries.append({"time": None, "step": None, "changes": {}, "config": json.load(f)})
+    if changes or not os.path.exists(path):
+        entries.append({"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "step": int(step),
+                        "changes": {k: list(v) for k, v in (changes or {}).items()}, "config": _config_dict(config)})
+    if entries:
+        with open(history, "a") as f:
+            f.writelines(json.dumps(entry, sort_keys=True) + "\n" for entry in entries)
+    tmp_path = path + ".tmp"
+    with open(tmp_path, "w") as f:
+        f.write(config.to_json_best_effort(indent=2, sort_keys=True) + "\n")
+    os.replace(tmp_path, path)
     return path
 
 
@@ -121,12 +193,67 @@ def _checkpoint_state(pstate, rng) -> Any:
     return jax.device_get(parallel.unreplicate(pstate)).replace(rng=jax.device_get(rng))
 
 
-def _diverged(step: int, what: str, checkpoint_meta_dir: str, checkpoint_dir: str) -> TrainingDivergedError:
-    last = checkpoints.latest_checkpoint(checkpoint_meta_dir) or checkpoints.latest_checkpoint(checkpoint_dir)
-    kept = f"the last good checkpoint is kept at {last}" if last else "no checkpoint had been written yet"
+def _resume_candidates(checkpoint_meta_dir: str, checkpoint_dir: str) -> list[str]:
+    """Every checkpoint of the two folders, the one to resume from first.
+
+    Newest training step first (the step in each file's footer); at equal steps the meta
+    checkpoint first. Files without a footer (the original code's, or an older version's) come
+    after those with one, meta before numbered and the highest number first, as before.
+    """
+    found = []
+    for is_meta, folder in ((1, checkpoint_meta_dir), (0, checkpoint_dir)):
+        for number, path in checkpoints.numbered_checkpoints(folder):
+            step = checkpoints.checkpoint_step(path)
+            found.append(((step is not None, -1 if step is None else step, is_meta, number), path))
+    return [path for _, path in sorted(found, reverse=True)]
+
+
+def _restore_newest(template, checkpoint_meta_dir: str, checkpoint_dir: str):
+    """``template`` restored from the newest readable checkpoint of the two folders (``template`` if none).
+
+    A corrupt file is skipped with a warning naming it (e.g. a damaged meta checkpoint falls back
+    to the numbered checkpoint of the same step); if every checkpoint is corrupt, the first error.
+    """
+    first_error = None
+    for path in _resume_candidates(checkpoint_meta_dir, checkpoint_dir):
+        try:
+            state = checkpoints.restore_checkpoint(path, template)
+        except checkpoints.CorruptCheckpointError as err:
+            if parallel.is_main_process():
+                logging.warning("%s Trying the next newest checkpoint.", err)
+            first_error = first_error or err
+            continue
+        if first_error is not None and parallel.is_main_process():
+            logging.warning("Resuming from %s (step %d) instead.", path, int(state.step))
+        return state
+    if first_error is not None:
+        raise first_error
+    return template
+
+
+def _use_config_rates(state, config):
+    """``state`` with ``config.optim.lr`` and ``config.model.ema_rate``: the command line wins over a checkpoint.
+
+    The original kept both in the state, so a restart silently went on with the checkpoint's values
+    whatever the config said; here each value that changes is logged.
+    """
+    for field, name, value in (("optim.lr", "lr", config.optim.lr), ("model.ema_rate", "ema_rate",
+                                                                     config.model.ema_rate)):
+        old = float(np.asarray(getattr(state, name)))
+        if old != value and parallel.is_main_process():
+            logging.info("config.%s = %g replaces the checkpoint's %g from step %d on.", field, value, old,
+                         int(state.step))
+    return state.replace(lr=config.optim.lr, ema_rate=config.model.ema_rate)
+
+
+def _diverged(step: int, what: str, config, checkpoint_meta_dir: str, checkpoint_dir: str) -> TrainingDivergedError:
+    candidates = _resume_candidates(checkpoint_meta_dir, checkpoint_dir)
+    kept = f"the last good checkpoint is kept at {candidates[0]}" if candidates else "no checkpoint had been written yet"
     return TrainingDivergedError(
         f"Training diverged: {what} is NaN or infinite after step {step}; stopped without saving it, {kept}. "
-        "Lower config.optim.lr, keep config.optim.grad_clip >= 0 or check the data scaling (config.data.centered).")
+        f"Run the same command again with a lower learning rate, e.g. --config.optim.lr={config.optim.lr / 2:g} "
+        "(on a restart the config's optim.lr and model.ema_rate replace the checkpoint's); also keep "
+        "config.optim.grad_clip >= 0 and check the data scaling (config.data.centered).")
 
 
 def write_samples(samples: np.ndarray, sample_dir: str, step: int) -> str:
@@ -156,51 +283,63 @@ def write_samples(samples: np.ndarray, sample_dir: str, step: int) -> str:
 # ---------------------------------------------------------------------------------------------
 
 def train(config, workdir: str):
-    """Train the score model of ``config``, resuming from ``workdir/checkpoints-meta`` if present.
+    """Train the score model of ``config``, resuming from the newest checkpoint of ``workdir`` if any.
+
+    Order of work: the config is compared with the workdir's ``config.json``
+    (:func:`check_workdir_config`: a refused change stops here, nothing written); then the log
+    file is opened, the data are loaded (a missing data set stops before the model is built), the
+    model is initialised and the newest readable checkpoint of ``checkpoints-meta/`` and
+    ``checkpoints/`` restored (by step, see :func:`_resume_candidates`), ``config.optim.lr`` and
+    ``config.model.ema_rate`` replace the checkpoint's, and the config is recorded
+    (:func:`save_config`).
 
     Every ``training.n_jitted_steps`` steps run as one pmapped call (:func:`fuse_steps`). After a
     call that ends at step ``s``: the loss is logged when ``s % log_freq == 0``; a meta
     checkpoint is written when ``s % snapshot_freq_for_preemption == 0``; the evaluation
     loss when ``s % eval_freq == 0``; a numbered checkpoint (and snapshot samples if
-    ``training.snapshot_sampling``) when ``s % snapshot_freq == 0`` and at the end.
-    Training ends at the first multiple of ``n_jitted_steps`` that reaches ``training.n_iters``.
+    ``training.snapshot_sampling``) when ``s % snapshot_freq == 0`` and at the end. Files are
+    numbered by ``checkpoints.number_for_step``. Training ends at the first multiple of
+    ``n_jitted_steps`` that reaches ``training.n_iters``.
 
     Returns:
         The final training State (this process's first replica, host arrays).
 
     Raises:
+        WorkdirConfigError: the workdir's checkpoints were trained with another SDE, model, data, ...
         TrainingDivergedError: the loss or the parameters became NaN/inf; nothing of that
             state is saved and the last good checkpoint stays.
+        datasets.DatasetUnavailableError, checkpoints.CorruptCheckpointError (every checkpoint is
+            damaged), OSError (workdir not writable, disk full): also logged to ``stdout.txt``.
     """
-    os.makedirs(workdir, exist_ok=True)
     sample_dir = os.path.join(workdir, "samples")
     tb_dir = os.path.join(workdir, "tensorboard")
     checkpoint_dir = os.path.join(workdir, "checkpoints")
     checkpoint_meta_dir = os.path.join(workdir, "checkpoints-meta")
-    for d in (sample_dir, tb_dir, checkpoint_dir, checkpoint_meta_dir):
+    changes = check_workdir_config(config, workdir, bool(_resume_candidates(checkpoint_meta_dir, checkpoint_dir)))
+    for d in (workdir, sample_dir, tb_dir, checkpoint_dir, checkpoint_meta_dir):
         os.makedirs(d, exist_ok=True)
     log_handler = reporting.add_log_file(os.path.join(workdir, "stdout.txt")) if parallel.is_main_process() else None
     try:
-        return _train(config, workdir, sample_dir, tb_dir, checkpoint_dir, checkpoint_meta_dir)
+        return _train(config, workdir, changes, sample_dir, tb_dir, checkpoint_dir, checkpoint_meta_dir)
+    except (TrainingDivergedError, datasets.DatasetUnavailableError, checkpoints.CorruptCheckpointError,
+            OSError) as err:
+        if log_handler is not None:  # the file only: the caller reports it on the console
+            log_handler.handle(logging.makeLogRecord({"levelno": logging.ERROR, "levelname": "ERROR",
+                                                      "msg": "Stopped: %s", "args": (err,), "filename": "run_lib.py"}))
+        raise
     finally:
         if log_handler is not None:
             logging.getLogger().removeHandler(log_handler)
             log_handler.close()
 
 
-def _train(config, workdir, sample_dir, tb_dir, checkpoint_dir, checkpoint_meta_dir):
-    save_config(config, workdir)
+def _train(config, workdir, changes, sample_dir, tb_dir, checkpoint_dir, checkpoint_meta_dir):
     is_main = parallel.is_main_process()
-    writer = metric_writers.create_default_writer(tb_dir, just_logging=not is_main)
+    if is_main:
+        for field, (old, new) in changes.items():
+            logging.info("config.%s changed since the last run of this workdir: %r -> %r", field, old, new)
 
-    # Model, optimizer and state; resume from the latest meta checkpoint when there is one, else
-    # from the latest numbered checkpoint (e.g. a workdir of the original code's released runs).
-    model, state = losses.init_train_state(jax.random.PRNGKey(config.seed), config)
-    resume_dir = checkpoint_meta_dir if checkpoints.latest_checkpoint(checkpoint_meta_dir) else checkpoint_dir
-    state = checkpoints.restore_checkpoint(resume_dir, state)
-    initial_step = int(state.step)
-    rng = state.rng
-
+    # The data first: a data set that is missing stops the run before the model is built.
     n_jitted = config.training.n_jitted_steps
     train_ds, eval_ds, _ = datasets.get_dataset(config, additional_dim=n_jitted,
                                                 uniform_dequantization=config.data.uniform_dequantization)
@@ -208,6 +347,15 @@ def _train(config, workdir, sample_dir, tb_dir, checkpoint_dir, checkpoint_meta_
     inverse_scaler = datasets.get_data_inverse_scaler(config)
     train_iter = numpy_batches(train_ds, scaler)
     eval_iter = numpy_batches(eval_ds, scaler)
+
+    # Model, optimizer and state; resume from the newest checkpoint, meta or numbered (a workdir
+    # of the original code's released runs has numbered ones only).
+    model, state = losses.init_train_state(jax.random.PRNGKey(config.seed), config)
+    state = _use_config_rates(_restore_newest(state, checkpoint_meta_dir, checkpoint_dir), config)
+    initial_step = int(state.step)
+    rng = state.rng
+    save_config(config, workdir, initial_step, changes)
+    writer = metric_writers.create_default_writer(tb_dir, just_logging=not is_main)
 
     sde, sampling_eps = sde_lib.get_sde(config)
     p_train_step, p_eval_step = make_train_and_eval_steps(config, sde, model)
@@ -238,7 +386,7 @@ def _train(config, workdir, sample_dir, tb_dir, checkpoint_dir, checkpoint_meta_
         step += n_jitted
         ploss = np.asarray(ploss)
         if not np.all(np.isfinite(ploss)):
-            raise _diverged(step, "the training loss", checkpoint_meta_dir, checkpoint_dir)
+            raise _diverged(step, "the training loss", config, checkpoint_meta_dir, checkpoint_dir)
         loss = float(ploss.mean())
         progress.update(step)
 
@@ -252,9 +400,10 @@ def _train(config, workdir, sample_dir, tb_dir, checkpoint_dir, checkpoint_meta_
         if (step % preemption_freq == 0 or at_end) and is_main:
             saved = _checkpoint_state(pstate, rng)
             if not _all_finite(saved.params):
-                raise _diverged(step, "a parameter", checkpoint_meta_dir, checkpoint_dir)
+                raise _diverged(step, "a parameter", config, checkpoint_meta_dir, checkpoint_dir)
             # At the end too, so that restarting a finished run does not train again.
-            checkpoints.save_checkpoint(checkpoint_meta_dir, saved, step=-(-step // preemption_freq), keep=1)
+            number = checkpoints.number_for_step(checkpoint_meta_dir, step, preemption_freq)
+            checkpoints.save_checkpoint(checkpoint_meta_dir, saved, step=number, keep=1)
 
         if step % config.training.eval_freq == 0:
             rng, keys = device_keys(rng)
@@ -265,12 +414,17 @@ def _train(config, workdir, sample_dir, tb_dir, checkpoint_dir, checkpoint_meta_
             writer.write_scalars(step, {"eval_loss": eval_loss})
 
         if step % config.training.snapshot_freq == 0 or at_end:
-            ckpt_number = -(-step // config.training.snapshot_freq)  # ceil: the end step gets its own file
             if is_main:
                 saved = _checkpoint_state(pstate, rng)
                 if not _all_finite(saved.params):
-                    raise _diverged(step, "a parameter", checkpoint_meta_dir, checkpoint_dir)
-                checkpoints.save_checkpoint(checkpoint_dir, saved, step=ckpt_number, keep=np.inf)
+                    raise _diverged(step, "a parameter", config, checkpoint_meta_dir, checkpoint_dir)
+                # ceil(step / snapshot_freq), the end step getting its own file; above the existing
+                # numbers if snapshot_freq changed since they were written.
+                number = checkpoints.number_for_step(checkpoint_dir, step, config.training.snapshot_freq)
+                if number != -(-step // config.training.snapshot_freq):
+                    logging.info("step: %d, saved as checkpoint_%d: snapshot_freq changed since checkpoint_%d was "
+                                 "written", step, number, -(-step // config.training.snapshot_freq))
+                checkpoints.save_checkpoint(checkpoint_dir, saved, step=number, keep=np.inf)
             if sampling_fn is not None:
                 rng, keys = device_keys(rng)
                 samples, nfe = sampling_fn(keys, pstate)

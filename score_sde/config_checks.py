@@ -166,7 +166,67 @@ def validate_config(config, mode: str = 'train') -> None:
         raise ValueError(f'mode={mode!r} is not allowed; allowed values: {", ".join(map(repr, MODES))}')
     problems = [_check_choice(config, rule) for rule in _CHOICES]
     problems += [_check_multiple(config, rule) for rule in _MULTIPLES if mode in rule.modes]
+    if _lookup(config, 'training.importance_weighting') is True:
+        # score_flow's importance-sampled time exists for likelihood weighting on VP / sub-VP only.
+        for field, ok, need in (('training.likelihood_weighting', _lookup(config, 'training.likelihood_weighting'),
+                                 'True'),
+                                ('training.continuous', _lookup(config, 'training.continuous'), 'True'),
+                                ('training.sde', str(_lookup(config, 'training.sde')).lower() in ('vpsde', 'subvpsde'),
+                                 "'vpsde' or 'subvpsde'")):
+            if ok is not True:
+                problems.append(f'config.training.importance_weighting=True needs config.{field}={need}; '
+                                f'got {_lookup(config, field)!r} (or set importance_weighting=False)')
     problems = [p for p in problems if p is not None]
     if problems:
         raise ValueError('Invalid config (fix these fields, e.g. with --config.<field>=<value>):\n'
                          + '\n'.join(f'  {p}' for p in problems))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Changes between runs of one workdir
+# ---------------------------------------------------------------------------------------------------------------
+
+SAFE_TO_CHANGE = (
+    'training.n_iters', 'training.batch_size', 'training.n_jitted_steps', 'training.log_freq', 'training.eval_freq',
+    'training.snapshot_freq', 'training.snapshot_freq_for_preemption', 'training.snapshot_sampling',
+    'optim.lr', 'optim.warmup', 'optim.grad_clip', 'optim.weight_decay', 'optim.beta1', 'optim.eps',
+    'model.ema_rate', 'data.data_dir', 'sampling', 'eval',
+)
+"""Fields (or whole sections) that may differ between the runs of one training workdir.
+
+They change how training goes on, never what the checkpoints are: every other field (the SDE,
+the model, the data, the loss, the optimizer's kind, the seed) defines the trained model.
+"""
+
+_ABSENT = '(absent)'
+
+
+def _flatten(tree: Any, prefix: str = '') -> dict[str, Any]:
+    if not isinstance(tree, dict):
+        return {prefix: tree}
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        flat.update(_flatten(value, f'{prefix}.{key}' if prefix else str(key)))
+    return flat
+
+
+def _is_safe(field: str) -> bool:
+    return any(field == safe or field.startswith(safe + '.') for safe in SAFE_TO_CHANGE)
+
+
+def config_changes(old: dict, new: dict) -> tuple[dict[str, tuple], dict[str, tuple]]:
+    """``(safe, unsafe)``: ``field -> (old value, new value)`` for every field that differs.
+
+    Args:
+      old, new: configs as JSON dicts (``json.loads(config.to_json_best_effort())``, the form of a
+        workdir's ``config.json``), so that tuples and lists compare equal. A field present on one
+        side only differs, with the value ``'(absent)'`` on the other.
+    """
+    old_flat, new_flat = _flatten(old), _flatten(new)
+    safe: dict[str, tuple] = {}
+    unsafe: dict[str, tuple] = {}
+    for field in sorted(set(old_flat) | set(new_flat)):
+        before, after = old_flat.get(field, _ABSENT), new_flat.get(field, _ABSENT)
+        if before != after:
+            (safe if _is_safe(field) else unsafe)[field] = (before, after)
+    return safe, unsafe
