@@ -26,7 +26,6 @@ import json
 import logging
 import os
 import time
-import time
 from typing import Any, Callable, Iterator
 
 import jax
