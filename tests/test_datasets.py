@@ -204,15 +204,47 @@ def test_celeba_crop_and_resize(download_possible):
     match_rows(got, expected, atol=1e-5)
 
 
+def _lsun_expected(image: np.ndarray, size: int) -> np.ndarray:
+    """The original's LSUN preprocessing of one uint8 image, written out: at 128, bilinear resize of the shorter side
+    to 128 then the central 128x128; otherwise the central square, bicubic to ``size``, clipped and truncated to
+    uint8. Both antialiased; crop offsets rounded down."""
+    h, w = image.shape[:2]
+    if size == 128:
+        ratio = np.float32(size) / np.float32(min(h, w))  # float32 and half-to-even, as tf.round in the pipeline
+        new_h, new_w = (int(np.round(np.float32(n) * ratio)) for n in (h, w))
+        resized = tf.image.resize(image.astype(np.float32) / 255.0, (new_h, new_w), antialias=True).numpy()
+        top, left = (new_h - size) // 2, (new_w - size) // 2
+        return resized[top:top + size, left:left + size]
+    side = min(h, w)
+    top, left = (h - side) // 2, (w - side) // 2
+    square = image[top:top + side, left:left + side].astype(np.float32)
+    resized = tf.image.resize(square, (size, size), method="bicubic", antialias=True).numpy()
+    return np.clip(resized, 0, 255).astype(np.uint8) / np.float32(255)
+
+
+# Taller and wider than square; shorter sides above and below 128 and 256, so the resizes both shrink (where
+# antialiasing matters) and enlarge.
+LSUN_SHAPES = [(300, 280, 3), (200, 330, 3), (140, 90, 3), (270, 400, 3)]
+
+
 @pytest.mark.parametrize("size", [128, 256])
 def test_lsun(download_possible, size):
-    with tfds.testing.mock_data(num_examples=4):
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 256, size=shape, dtype=np.uint8) for shape in LSUN_SHAPES]
+
+    def as_dataset(builder, *args, **kwargs):
+        examples = ({"id": str(i), "image": image} for i, image in enumerate(images))
+        return tf.data.Dataset.from_generator(lambda: examples, output_types=builder.info.features.dtype,
+                                              output_shapes=builder.info.features.shape)
+
+    with tfds.testing.mock_data(as_dataset_fn=as_dataset):
         _, eval_ds, builder = datasets.get_dataset(make_config("LSUN", size, batch_size=4, category="church_outdoor"),
                                                    evaluation=True)
         got, labels = epoch(eval_ds)
     assert builder.builder_config.name == "church_outdoor"
     assert got.shape == (4, size, size, 3) and labels is None
-    assert got.min() >= 0 and got.max() <= 1
+    index = match_rows(got, np.stack([_lsun_expected(image, size) for image in images]), atol=1e-5)
+    assert sorted(index) == list(range(len(images)))
 
 
 def test_image_ops_geometry():
