@@ -7,7 +7,7 @@
 Any config field can be overridden with ``--config.<section>.<field>=<value>``. Every expected failure
 (a missing config file, a misspelt field, an invalid value, a workdir trained with another config,
 missing data, a damaged checkpoint, a read-only or full disk, divergence) ends with one line
-``error: ...`` on stderr and exit status 2 (before any work) or 1. For several
+``error: ...`` on stderr and exit status 2 (flags and config, before the job starts) or 1. For several
 hosts, start the same command on each with ``--coordinator_address host:port
 --num_processes P --process_id i`` (or the environment variables ``JAX_COORDINATOR_ADDRESS``,
 ``JAX_NUM_PROCESSES``, ``JAX_PROCESS_ID``).

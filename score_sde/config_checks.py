@@ -11,6 +11,10 @@ The checks are two tables:
   a newly registered one is accepted without editing this file.
 * ``_MULTIPLES``: integer fields that must be a multiple of another quantity (image size of the U-Net's
   down-sampling factor, batch sizes of the device count, frequencies of ``training.n_jitted_steps``).
+
+:func:`config_changes` compares a config with the one a training workdir recorded: the fields of
+:data:`SAFE_TO_CHANGE` may differ between runs of one workdir, any other difference means other checkpoints
+(``run_lib.check_workdir_config`` refuses it).
 """
 from __future__ import annotations
 
