@@ -221,10 +221,13 @@ def _is_safe(field: str) -> bool:
 def config_changes(old: dict, new: dict) -> tuple[dict[str, tuple], dict[str, tuple]]:
     """``(safe, unsafe)``: ``field -> (old value, new value)`` for every field that differs.
 
+    A field present on one side only differs, with the value ``'(absent)'`` on the other; it counts
+    as safe: the code gained or lost that field since ``old`` was written, which says nothing
+    against the checkpoints (refusing it would strand every workdir of an older version).
+
     Args:
       old, new: configs as JSON dicts (``json.loads(config.to_json_best_effort())``, the form of a
-        workdir's ``config.json``), so that tuples and lists compare equal. A field present on one
-        side only differs, with the value ``'(absent)'`` on the other.
+        workdir's ``config.json``), so that tuples and lists compare equal.
     """
     old_flat, new_flat = _flatten(old), _flatten(new)
     safe: dict[str, tuple] = {}
@@ -232,5 +235,6 @@ def config_changes(old: dict, new: dict) -> tuple[dict[str, tuple], dict[str, tu
     for field in sorted(set(old_flat) | set(new_flat)):
         before, after = old_flat.get(field, _ABSENT), new_flat.get(field, _ABSENT)
         if before != after:
-            (safe if _is_safe(field) else unsafe)[field] = (before, after)
+            either_absent = _ABSENT in (before, after)
+            (safe if either_absent or _is_safe(field) else unsafe)[field] = (before, after)
     return safe, unsafe

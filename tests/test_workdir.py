@@ -166,6 +166,10 @@ def test_3_another_model_or_sde_on_an_existing_workdir_is_refused_and_changes_no
     safe = run_lib.check_workdir_config(tiny_config(training__n_iters=99, optim__lr=1e-5), str(workdir), True)
     assert safe == {"training.n_iters": (8, 99), "optim.lr": (config.optim.lr, 1e-5)}
     assert "model.nf" in run_lib.check_workdir_config(tiny_config(model__nf=16), str(workdir), False)
+    # A field the code gained since config.json was written is no conflict (a workdir of an older version).
+    newer_code = tiny_config()
+    newer_code.model.new_field = 1
+    assert run_lib.check_workdir_config(newer_code, str(workdir), True) == {"model.new_field": ("(absent)", 1)}
 
 
 # ------------------------------------------------------------------------------------------
