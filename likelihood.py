@@ -37,9 +37,9 @@ returned value is ``-log2 p(x) / D`` in the model's input space plus the offset
 
 Solvers (see ``score_sde.ode``): ``solver='scipy'`` runs ``scipy.integrate.solve_ivp`` on the host
 and evaluates drift + divergence through a pmapped function per evaluation, as the original
-(reproduces its numbers); ``solver='jax'`` runs the whole adaptive solve inside the pmapped
-function. With ``method=None`` the scipy path uses the original's 'RK45' and the JAX path
-'dop853' with the max error norm, which at ``rtol = atol = 1e-5`` stays within 1e-5 bits/dim of
+(reproduces its numbers); ``solver='jax'``, the default (``score_sde.ode.DEFAULT_SOLVER``, why
+there), runs the whole adaptive solve inside the pmapped function. With ``method=None`` the scipy
+path uses the original's 'RK45' and the JAX path 'dop853' with the max error norm, which at ``rtol = atol = 1e-5`` stays within 1e-5 bits/dim of
 the exact flow on the golden data (3.8e-6 / 3.8e-6 / 9.5e-6 for VP / subVP / VE), where RK45's
 error reaches 3.8e-5 (VE); pass ``method='DOP853'`` for scipy's version of that pair (RMS norm,
 1.4e-5 on VE). Global error is not bounded by the tolerances: for data whose spread is small
@@ -155,11 +155,6 @@ def _default_method(solver: str, method: str | None) -> str:
     return "dop853" if solver == "jax" else "RK45"
 
 
-def _check_solver(solver: str) -> None:
-    if solver not in ode.SOLVERS:
-        raise ValueError(f"Unknown ODE solver {solver!r}; choose one of {list(ode.SOLVERS)}.")
-
-
 def _bits_per_dim(sde, z, delta_logp, batch_ndim: int, offset: float) -> jax.Array:
     prior_logp = sde.prior_logp
     for _ in range(batch_ndim - 1):
@@ -187,7 +182,7 @@ def _solve_flow(drift_div, data, noise, batch_ndim: int, *, t0: float, t1: float
 
 def get_likelihood_fn_from_score(sde: sde_lib.SDE, score_fn: Callable, inverse_scaler: Callable = lambda v: v,
                                  hutchinson_type: str = "Rademacher", rtol: float = 1e-5, atol: float = 1e-5,
-                                 method: str | None = None, eps: float = 1e-5, solver: str = "jax",
+                                 method: str | None = None, eps: float = 1e-5, solver: str = ode.DEFAULT_SOLVER,
                                  max_steps: int | None = None):
     """Bits/dim for a plain ``score_fn(x, t)`` on one device (the level tests and toy data use).
 
@@ -199,7 +194,8 @@ def get_likelihood_fn_from_score(sde: sde_lib.SDE, score_fn: Callable, inverse_s
         rtol, atol: ODE solver tolerances.
         method: the solver's method; None picks 'RK45' (scipy) or 'dop853' (jax).
         eps: start time of the flow (the likelihood is that of ``p_eps``).
-        solver: 'jax' (whole solve traceable; the returned function may be jitted) or 'scipy'.
+        solver: 'jax' (the default, ``score_sde.ode.DEFAULT_SOLVER``: the whole solve traceable, the
+            returned function may be jitted) or 'scipy' (the original's).
         max_steps: step limit of the JAX solver (default of ``score_sde.ode.solve_jax``).
 
     Returns:
@@ -209,7 +205,7 @@ def get_likelihood_fn_from_score(sde: sde_lib.SDE, score_fn: Callable, inverse_s
         evaluations of drift + divergence (an int for scipy, an int32 array for jax). A failed
         JAX solve returns NaN (check with ``score_sde.ode.check_finite``).
     """
-    _check_solver(solver)
+    ode.check_solver(solver)
     method = _default_method(solver, method)
     drift_div = get_drift_div_fn(_probability_flow_drift(sde, score_fn), hutchinson_type)
     offset = bpd_offset(inverse_scaler)
@@ -228,7 +224,7 @@ def get_likelihood_fn_from_score(sde: sde_lib.SDE, score_fn: Callable, inverse_s
 
 def get_likelihood_fn(sde: sde_lib.SDE, model, inverse_scaler: Callable, hutchinson_type: str = "Rademacher",
                       rtol: float = 1e-5, atol: float = 1e-5, method: str | None = None, eps: float = 1e-5,
-                      solver: str = "scipy", max_steps: int | None = None):
+                      solver: str = ode.DEFAULT_SOLVER, max_steps: int | None = None):
     """Bits/dim of data under a score model through the probability-flow ODE (the original's API).
 
     Args:
@@ -240,7 +236,8 @@ def get_likelihood_fn(sde: sde_lib.SDE, model, inverse_scaler: Callable, hutchin
         rtol, atol: ODE tolerances.
         method: solver method; None -> 'RK45' for scipy (the original's), 'dop853' for jax.
         eps: the flow starts at ``eps`` for numerical stability.
-        solver: 'scipy' (the original's host loop) or 'jax' (the whole solve on device, per device).
+        solver: 'jax' (the default, ``score_sde.ode.DEFAULT_SOLVER``: the whole solve on device, per
+            device) or 'scipy' (the original's host loop and numbers).
         max_steps: step limit of the JAX solver.
 
     Returns:
@@ -250,7 +247,7 @@ def get_likelihood_fn(sde: sde_lib.SDE, model, inverse_scaler: Callable, hutchin
         ``bpd`` ``(n_devices, batch)``, ``z`` like ``data``, ``nfe`` a python int (the most any
         device needed with the JAX solver).
     """
-    _check_solver(solver)
+    ode.check_solver(solver)
     method = _default_method(solver, method)
     offset = bpd_offset(inverse_scaler)
 

@@ -83,6 +83,9 @@ class Predictor(abc.ABC):
         probability_flow: step the probability-flow ODE instead of the reverse SDE.
     """
 
+    # Evaluations of score_fn per update_fn call (every predictor here takes one).
+    score_evals_per_call = 1
+
     def __init__(self, sde: sde_lib.SDE, score_fn: ScoreFn, probability_flow: bool = False):
         super().__init__()
         self.sde = sde
@@ -106,6 +109,9 @@ class Corrector(abc.ABC):
         snr: signal-to-noise ratio that sets the step size.
         n_steps: number of MCMC steps per call.
     """
+
+    # Evaluations of score_fn per MCMC step (one for the Langevin-type correctors here).
+    score_evals_per_step = 1
 
     def __init__(self, sde: sde_lib.SDE, score_fn: ScoreFn, snr: float, n_steps: int):
         super().__init__()
@@ -192,6 +198,8 @@ class AncestralSamplingPredictor(Predictor):
 class NonePredictor(Predictor):
     """No predictor: a corrector-only sampler."""
 
+    score_evals_per_call = 0
+
     def __init__(self, sde, score_fn, probability_flow=False):  # noqa: D107 - needs no reverse SDE
         self.sde = sde
         self.score_fn = score_fn
@@ -273,6 +281,8 @@ class AnnealedLangevinDynamics(_LangevinBase):
 class NoneCorrector(Corrector):
     """No corrector: a predictor-only sampler."""
 
+    score_evals_per_step = 0
+
     def update_fn(self, rng, x, t):
         return x, x
 
@@ -322,9 +332,16 @@ def pc_loop(rng: jax.Array, x: jax.Array, sde: sde_lib.SDE, eps: float, correcto
     return x, x_mean
 
 
-def pc_nfe(sde: sde_lib.SDE, n_steps: int) -> int:
-    """Score evaluations the original reports for a PC sampler: ``N (n_steps + 1)``."""
-    return sde.N * (n_steps + 1)
+def pc_nfe(sde: sde_lib.SDE, predictor: Optional[type], corrector: Optional[type], n_steps: int = 1) -> int:
+    """Score evaluations of a PC sampler: ``N`` times those of one predictor and one corrector call.
+
+    ``N (1 + n_steps)`` with both, ``N`` predictor-only, ``N n_steps`` corrector-only. (The original
+    reports ``N (n_steps + 1)`` whatever the predictor and corrector are, so it counts a
+    predictor-only or corrector-only sampler's evaluations twice or more.)
+    """
+    predictor_evals = (predictor or NonePredictor).score_evals_per_call
+    corrector_evals = (corrector or NoneCorrector).score_evals_per_step * n_steps
+    return sde.N * (predictor_evals + corrector_evals)
 
 
 def pc_sample(rng: jax.Array, score_fn: ScoreFn, sde: sde_lib.SDE, shape, predictor: Optional[type],
@@ -373,7 +390,7 @@ def get_score_pc_sampler(sde: sde_lib.SDE, score_fn: ScoreFn, shape, predictor: 
         return inverse_scaler(pc_sample(rng, score_fn, sde, shape, predictor, corrector, snr, n_steps,
                                         probability_flow, denoise, eps))
 
-    nfe = pc_nfe(sde, n_steps)
+    nfe = pc_nfe(sde, predictor, corrector, n_steps)
     return lambda rng: (run(rng), nfe)
 
 
@@ -426,7 +443,7 @@ def get_pc_sampler(sde, model, shape, predictor, corrector, inverse_scaler, snr,
         return inverse_scaler(x)
 
     run = parallel.pmap(pc_sampler)
-    nfe = pc_nfe(sde, n_steps)
+    nfe = pc_nfe(sde, predictor, corrector, n_steps)
 
     def sampler(rng, state):
         return run(rng, state), nfe
@@ -454,9 +471,7 @@ def denoise_update(rng: jax.Array, score_fn: ScoreFn, sde: sde_lib.SDE, x: jax.A
 
 
 def _check_solver(solver: str, denoise: bool, sde: sde_lib.SDE) -> None:
-    if solver not in ode.SOLVERS:
-        raise ValueError(f"Unknown ODE solver {solver!r} (config.sampling.ode_solver); "
-                         f"choose one of {list(ode.SOLVERS)}.")
+    ode.check_solver(solver)
     if denoise and isinstance(sde, sde_lib.VPSDE):
         _require_valid_discrete_schedule(sde, "Denoising (config.sampling.noise_removal) with reverse diffusion")
 
@@ -474,18 +489,19 @@ def ode_sample_jax(score_fn: ScoreFn, sde: sde_lib.SDE, x: jax.Array, rng: Optio
         denoise, rtol, atol, method, eps: see :func:`get_ode_sampler`.
 
     Returns:
-        ``(samples, nfe)`` with ``nfe`` an int32 scalar (the denoising evaluation not counted).
+        ``(samples, nfe)`` with ``nfe`` an int32 scalar: the solve's score evaluations, plus one if
+        ``denoise``.
     """
     x, nfe = ode.solve_jax(probability_flow_drift(sde, score_fn), x, sde.T, eps, rtol=rtol, atol=atol,
                            method=method)
     if denoise:
         x = denoise_update(rng, score_fn, sde, x, eps)
-    return x, nfe
+    return x, nfe + int(denoise)
 
 
 def get_score_ode_sampler(sde: sde_lib.SDE, score_fn: ScoreFn, shape, inverse_scaler: Callable = _identity,
                           denoise: bool = False, rtol: float = 1e-5, atol: float = 1e-5, method: str = "RK45",
-                          eps: float = 1e-3, solver: str = "jax") -> Callable:
+                          eps: float = 1e-3, solver: str = ode.DEFAULT_SOLVER) -> Callable:
     """A probability-flow ODE sampler for a fixed ``score_fn`` (no devices axis).
 
     Returns ``sampler(rng, z=None) -> (samples, nfe)``: ``z`` (``shape``) is an optional latent
@@ -509,13 +525,14 @@ def get_score_ode_sampler(sde: sde_lib.SDE, score_fn: ScoreFn, shape, inverse_sc
             x, nfe = ode.solve_scipy(drift, x, sde.T, eps, method=method, rtol=rtol, atol=atol)
             if denoise:
                 x = denoise_fn(step_rng, x)
+            nfe += int(denoise)
         return inverse_scaler(x), int(nfe)
 
     return sampler
 
 
 def get_ode_sampler(sde, model, shape, inverse_scaler, denoise=False, rtol=1e-5, atol=1e-5, method="RK45",
-                    eps=1e-3, solver="jax"):
+                    eps=1e-3, solver=ode.DEFAULT_SOLVER):
     """Create a probability-flow ODE sampler with an adaptive black-box solver.
 
     Args:
@@ -528,15 +545,16 @@ def get_ode_sampler(sde, model, shape, inverse_scaler, denoise=False, rtol=1e-5,
         method: Runge–Kutta pair. scipy: any ``solve_ivp`` method; JAX: 'RK45'/'dopri5',
             'DOP853'/'dop853', 'RK23'/'bosh3' (see :mod:`score_sde.ode`).
         eps: end time of the integration.
-        solver: 'jax' (the whole solve in one compiled program per device, no host round trip per
-            step) or 'scipy' (``scipy.integrate.solve_ivp`` over all devices' states at once, one
+        solver: 'jax' (the default, ``score_sde.ode.DEFAULT_SOLVER``: the whole solve in one compiled
+            program per device, no host round trip per step) or 'scipy' (``scipy.integrate.solve_ivp`` over all devices' states at once, one
             pmapped drift evaluation per step: the original's path and numbers).
 
     Returns:
         ``sampler(prng, pstate, z=None) -> (samples, nfe)``: ``prng`` per-device keys
         ``(n_devices, 2)``, ``pstate`` a replicated state, ``z`` an optional latent
         ``(n_devices, *shape)`` (encode/decode, interpolation); samples ``(n_devices, *shape)``;
-        ``nfe`` (int) the number of score evaluations of the solve (largest over devices for 'jax').
+        ``nfe`` (int) the score evaluations of the solve (largest over devices for 'jax'), plus one
+        if ``denoise`` (the original reported the solve's alone).
     """
     _check_solver(solver, denoise, sde)
 
@@ -575,6 +593,7 @@ def get_ode_sampler(sde, model, shape, inverse_scaler, denoise=False, rtol=1e-5,
             x, nfe = ode.solve_scipy(ode_func, x, sde.T, eps, method=method, rtol=rtol, atol=atol)
             if denoise:
                 x = p_denoise(step_rngs, pstate, x)
+            nfe += int(denoise)
         return inverse_scaler(x), nfe
 
     return ode_sampler
@@ -601,7 +620,7 @@ def get_sampling_fn(config, sde, model, shape, inverse_scaler, eps):
         return get_ode_sampler(sde=sde, model=model, shape=shape, inverse_scaler=inverse_scaler,
                                denoise=config.sampling.noise_removal, eps=eps,
                                rtol=config.sampling.get("ode_rtol", 1e-5), atol=config.sampling.get("ode_atol", 1e-5),
-                               solver=config.sampling.get("ode_solver", "jax"))
+                               solver=config.sampling.get("ode_solver", ode.DEFAULT_SOLVER))
     if sampler_name == "pc":
         return get_pc_sampler(sde=sde, model=model, shape=shape,
                               predictor=get_predictor(config.sampling.predictor.lower()),

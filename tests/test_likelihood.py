@@ -11,12 +11,7 @@ import likelihood
 import sde_lib
 from models import utils as mutils
 from score_sde import parallel, toy
-
-SDES = {
-    "vpsde": lambda: sde_lib.VPSDE(0.1, 20, 1000),
-    "subvpsde": lambda: sde_lib.subVPSDE(0.1, 20, 1000),
-    "vesde": lambda: sde_lib.VESDE(0.01, 50, 1000),
-}
+from tests.helpers import SDE_NAMES, make_sde
 GOLDEN_DATA = toy.IsotropicGaussian(0.3, 0.5, (4, 4, 1))
 EPS = 1e-5
 
@@ -40,18 +35,21 @@ def exact_ode_bpd(dist, sde, x, eps=EPS, offset=8.0):
 # ----------------------------------------------------------------------------- golden: the original's numbers
 
 
-@pytest.mark.parametrize("name", list(SDES))
+@pytest.mark.parametrize("name", SDE_NAMES)
 @pytest.mark.parametrize("hutchinson_type", ["Rademacher", "Gaussian"])
 def test_scipy_path_reproduces_original(golden, name, hutchinson_type):
     npz, meta = golden
-    sde = SDES[name]()
+    sde = make_sde(name)
     lf = likelihood.get_likelihood_fn_from_score(sde, GOLDEN_DATA.score_fn(sde), hutchinson_type=hutchinson_type,
                                                  solver="scipy")
     bpd, z, nfe = lf(jax.random.PRNGKey(6), jnp.asarray(npz[f"{name}/bpd_data"]))
-    np.testing.assert_allclose(np.asarray(bpd), npz[f"{name}/bpd_{hutchinson_type}"], rtol=0, atol=1e-4)
+    # The golden README's 1e-5 for SDE math, and the very same steps (measured: <= 3.8e-6, equal NFE).
+    np.testing.assert_allclose(np.asarray(bpd), npz[f"{name}/bpd_{hutchinson_type}"], rtol=0, atol=1e-5)
     assert z.shape == (4, 4, 4, 1)
-    expected_nfe = meta["bpd_nfe"][f"{name}/{hutchinson_type}"]
-    assert abs(nfe - expected_nfe) <= 0.1 * expected_nfe
+    assert nfe == meta["bpd_nfe"][f"{name}/{hutchinson_type}"]
+
+
+MODEL_CALLS = []  # one entry per evaluation of GaussianScoreNet at run time
 
 
 class GaussianScoreNet(nn.Module):
@@ -64,6 +62,7 @@ class GaussianScoreNet(nn.Module):
 
     @nn.compact
     def __call__(self, x, labels, train=False):
+        jax.debug.callback(lambda: MODEL_CALLS.append(1))
         mean = self.param("mean", nn.initializers.zeros, ())
         if self.ve:
             sigma = labels
@@ -77,6 +76,18 @@ class GaussianScoreNet(nn.Module):
         return sde_lib.batch_mul(std / var, x - sde_lib.batch_mul(a, jnp.ones_like(x)) * mean)
 
 
+class AnisotropicScoreNet(nn.Module):
+    """A parameter-free "network" whose score through ``get_score_fn`` (VP, continuous) is the exact score of
+    ``_anisotropic()`` data: output = -std(t) · score, label 999 t."""
+
+    @nn.compact
+    def __call__(self, x, labels, train=False):
+        sde = make_sde("vpsde")
+        t = labels / 999.0
+        std = sde.marginal_prob(x, t)[1]
+        return -sde_lib.batch_mul(std, _anisotropic().score_fn(sde)(x, t))
+
+
 def _pstate(good_mean: float, bad_mean: float):
     state = mutils.State(step=0, params={"mean": jnp.asarray(bad_mean)}, opt_state={}, lr=0.0, model_state={},
                          ema_rate=0.999, params_ema={"mean": jnp.asarray(good_mean)}, rng=jax.random.PRNGKey(0))
@@ -85,49 +96,84 @@ def _pstate(good_mean: float, bad_mean: float):
 
 @pytest.mark.parametrize("name", ["vpsde", "vesde"])
 def test_model_level_api_uses_params_ema_and_matches_golden(golden, name):
-    npz, _ = golden
-    sde = SDES[name]()
+    npz, meta = golden
+    sde = make_sde(name)
     model = GaussianScoreNet(std0=0.5, ve=name == "vesde")
     pstate = _pstate(0.3, -1.0)  # only params_ema holds the data mean
     data = jnp.asarray(npz[f"{name}/bpd_data"])[None]
     prng = jnp.asarray([jax.random.PRNGKey(6)])
-    bpd, z, nfe = likelihood.get_likelihood_fn(sde, model, lambda v: v)(prng, pstate, data)
+    MODEL_CALLS.clear()
+    bpd, z, nfe = likelihood.get_likelihood_fn(sde, model, lambda v: v, solver="scipy")(prng, pstate, data)
+    jax.effects_barrier()
+    assert nfe == len(MODEL_CALLS)
     assert bpd.shape == (1, 4) and z.shape == data.shape and isinstance(nfe, int)
-    np.testing.assert_allclose(np.asarray(bpd[0]), npz[f"{name}/bpd_Rademacher"], rtol=0, atol=1e-4)
-    # The JAX solver runs the whole solve inside the pmapped function.
+    np.testing.assert_allclose(np.asarray(bpd[0]), npz[f"{name}/bpd_Rademacher"], rtol=0, atol=1e-5)
+    # Within one RK45 step (6 evaluations): the stand-in network's score rounds differently in float32 from the
+    # golden's formula, and an error norm near 1 may accept or reject one step (the score-level test is exact).
+    assert abs(nfe - meta["bpd_nfe"][f"{name}/Rademacher"]) <= 6
+    # The JAX solver runs the whole solve inside the pmapped function: the same solve as the score-level one.
+    MODEL_CALLS.clear()
     bpd_j, z_j, nfe_j = likelihood.get_likelihood_fn(sde, model, lambda v: v, solver="jax")(prng, pstate, data)
+    jax.effects_barrier()
+    assert isinstance(nfe_j, int) and nfe_j == len(MODEL_CALLS)
     np.testing.assert_allclose(np.asarray(bpd_j[0]), npz[f"{name}/bpd_exact_ode"], rtol=0, atol=2e-5)
     np.testing.assert_allclose(np.asarray(z_j[0]), npz[f"{name}/ode_exact_z"], rtol=1e-3, atol=1e-3)
-    assert isinstance(nfe_j, int) and nfe_j > 10
     # The dequantisation offset follows the inverse scaler: centred data ([-1, 1]) gets 7 instead of 8.
     bpd_c, _, _ = likelihood.get_likelihood_fn(sde, model, lambda v: (v + 1.0) / 2.0, solver="jax")(
         prng, pstate, data)
     np.testing.assert_allclose(np.asarray(bpd_c), np.asarray(bpd_j) - 1.0, atol=1e-5)
 
 
+@pytest.mark.parametrize("solver", ["scipy", "jax"])
+def test_model_level_exact_divergence_matches_closed_form(solver):
+    """get_likelihood_fn(hutchinson_type='exact') through a model: the closed-form bits/dim of the exact flow."""
+    sde = make_sde("vpsde")
+    dist = _anisotropic()  # a Jacobian far from isotropic: single Hutchinson probes miss by > 1e-3 here
+    data = dist.sample(jax.random.PRNGKey(8), 3)
+    expected, z_exact = exact_ode_bpd(dist, sde, data)
+    lf = likelihood.get_likelihood_fn(sde, AnisotropicScoreNet(), lambda v: v, hutchinson_type="exact", solver=solver)
+    bpd, z, _ = lf(jnp.asarray([jax.random.PRNGKey(6)]), _pstate(0.3, -1.0), data[None])
+    np.testing.assert_allclose(np.asarray(bpd[0]), expected, rtol=0, atol=2e-5)
+    np.testing.assert_allclose(np.asarray(z[0]), np.asarray(z_exact), rtol=1e-3, atol=1e-3)
+
+
 # ----------------------------------------------------------------------------- exact math
 
 
-@pytest.mark.parametrize("name", list(SDES))
+@pytest.mark.parametrize("name", SDE_NAMES)
 def test_both_solvers_reach_the_exact_flow(golden, name):
     """|bpd - bpd_exact_ode| <= 2e-5 at rtol = atol = 1e-5 (the original's RK45 gets 3.8e-5 on VE)."""
     npz, _ = golden
-    sde = SDES[name]()
+    sde = make_sde(name)
     data = jnp.asarray(npz[f"{name}/bpd_data"])
     expected = npz[f"{name}/bpd_exact_ode"]
     ours, _ = exact_ode_bpd(GOLDEN_DATA, sde, data)
     np.testing.assert_allclose(ours, expected, atol=2e-6)  # the closed form used below agrees with the golden
-    score_fn = GOLDEN_DATA.score_fn(sde)
-    bpd_s, _, nfe_s = likelihood.get_likelihood_fn_from_score(sde, score_fn, solver="scipy", method="DOP853")(
+    calls = {"scipy": [], "jax": []}
+    score_fn = lambda solver: _counting(GOLDEN_DATA.score_fn(sde), calls[solver])  # noqa: E731
+    bpd_s, _, nfe_s = likelihood.get_likelihood_fn_from_score(sde, score_fn("scipy"), solver="scipy",
+                                                              method="DOP853")(jax.random.PRNGKey(6), data)
+    bpd_j, _, nfe_j = jax.jit(likelihood.get_likelihood_fn_from_score(sde, score_fn("jax"), solver="jax"))(
         jax.random.PRNGKey(6), data)
-    bpd_j, _, nfe_j = jax.jit(likelihood.get_likelihood_fn_from_score(sde, score_fn, solver="jax"))(
-        jax.random.PRNGKey(6), data)
+    jax.block_until_ready(bpd_j)
+    jax.effects_barrier()
     np.testing.assert_allclose(np.asarray(bpd_s), expected, rtol=0, atol=2e-5)
     np.testing.assert_allclose(np.asarray(bpd_j), expected, rtol=0, atol=2e-5)
     # The method's error (prior instead of p_T) separates it from the true likelihood at eps, well above 2e-5.
     gap = npz[f"{name}/bpd_exact_ode"] - npz[f"{name}/bpd_exact_at_eps"]
     assert np.all(np.abs(gap) > 5e-4)
-    assert 0 < int(nfe_j) < 200 and 0 < nfe_s < 200
+    # NFE is what was evaluated: one score evaluation per evaluation of drift + divergence.
+    assert nfe_s == len(calls["scipy"]) and int(nfe_j) == len(calls["jax"])
+
+
+def _counting(score_fn, calls: list):
+    """``score_fn`` that appends to ``calls`` whenever it is evaluated (at run time, inside jit and loops)."""
+
+    def counted(x, t):
+        jax.debug.callback(lambda: calls.append(1))
+        return score_fn(x, t)
+
+    return counted
 
 
 @pytest.mark.parametrize("mean,std,shape,batch,name", [
@@ -137,7 +183,7 @@ def test_both_solvers_reach_the_exact_flow(golden, name):
     (0.3, 0.5, (4, 4, 3), 2, "vpsde"),
 ])
 def test_other_gaussians_against_closed_form(mean, std, shape, batch, name):
-    sde = SDES[name]()
+    sde = make_sde(name)
     dist = toy.IsotropicGaussian(mean, std, shape)
     x = dist.sample(jax.random.PRNGKey(1), batch)
     expected, z_exact = exact_ode_bpd(dist, sde, x)
@@ -149,7 +195,7 @@ def test_other_gaussians_against_closed_form(mean, std, shape, batch, name):
 
 def test_tighter_tolerance_converges_on_hard_data():
     """Two dimensions, spread small against the mean: 1e-5 is not enough, 1e-7 is (no bias left)."""
-    sde = SDES["vesde"]()
+    sde = make_sde("vesde")
     dist = toy.IsotropicGaussian(0.8, 0.3, (2,))
     x = dist.sample(jax.random.PRNGKey(5), 8)
     expected, _ = exact_ode_bpd(dist, sde, x)
@@ -170,7 +216,7 @@ def _anisotropic():
 
 
 def test_exact_trace_matches_closed_form_and_hutchinson_mean():
-    sde = SDES["vpsde"]()
+    sde = make_sde("vpsde")
     dist = _anisotropic()
     drift = likelihood._probability_flow_drift(sde, dist.score_fn(sde))
     x = dist.sample(jax.random.PRNGKey(0), 3)
@@ -194,7 +240,7 @@ def test_exact_trace_matches_closed_form_and_hutchinson_mean():
 
 def test_exact_likelihood_non_isotropic_and_hutchinson_expectation():
     """bpd with the exact trace equals the closed form; Rademacher bpd average over probes equals it."""
-    sde = SDES["subvpsde"]()
+    sde = make_sde("subvpsde")
     dist = _anisotropic()
     x = dist.sample(jax.random.PRNGKey(3), 2)
     expected, _ = exact_ode_bpd(dist, sde, x)
@@ -211,7 +257,7 @@ def test_exact_likelihood_non_isotropic_and_hutchinson_expectation():
 
 def test_exact_equals_rademacher_when_jacobian_is_isotropic(golden):
     npz, _ = golden
-    sde = SDES["vpsde"]()
+    sde = make_sde("vpsde")
     data = jnp.asarray(npz["vpsde/bpd_data"])
     results = [jax.jit(likelihood.get_likelihood_fn_from_score(sde, GOLDEN_DATA.score_fn(sde), hutchinson_type=h))(
         jax.random.PRNGKey(6), data)[0] for h in ("exact", "Rademacher")]
@@ -235,7 +281,7 @@ def test_one_forward_pass_per_evaluation():
 
 
 def test_errors_name_the_choices():
-    sde = SDES["vpsde"]()
+    sde = make_sde("vpsde")
     score_fn = GOLDEN_DATA.score_fn(sde)
     with pytest.raises(NotImplementedError, match="Rademacher"):
         likelihood.get_likelihood_fn_from_score(sde, score_fn, hutchinson_type="Bernoulli")
@@ -250,7 +296,7 @@ def test_prior_mismatch_explains_the_bias(golden):
     """prior_mismatch_bpd recovers bpd_exact_ode - bpd_exact_at_eps (the method's error) from data samples."""
     npz, _ = golden
     for name in ("vpsde", "vesde"):
-        sde = SDES[name]()
+        sde = make_sde(name)
         data = jnp.asarray(npz[f"{name}/bpd_data"])
         z = jnp.asarray(npz[f"{name}/ode_exact_z"])
         reference = GOLDEN_DATA.sample(jax.random.PRNGKey(11), 20000)

@@ -22,6 +22,7 @@ import sde_lib
 from models import layers, up_or_down_sampling
 from models import utils as mutils
 from models.normalization import GroupNorm
+from tests.helpers import assert_close_scaled
 
 OUR_MODELS = ("ncsnpp", "ddpm")
 CONFIG_ROOT = pathlib.Path(__file__).resolve().parents[1] / "configs"
@@ -88,15 +89,6 @@ def unflatten_variables(npz) -> dict:
             node = node.setdefault(part, {})
         node[leaf] = jnp.asarray(npz[key])
     return tree
-
-
-def assert_close_scaled(actual, expected, rtol: float = 1e-4) -> None:
-    """|actual - expected| <= rtol·max|expected| everywhere (the golden README's criterion)."""
-    actual, expected = np.asarray(actual), np.asarray(expected)
-    assert actual.shape == expected.shape
-    scale = np.abs(expected).max()
-    err = np.abs(actual - expected).max()
-    assert err <= rtol * scale, f"max abs error {err:.3g} > {rtol}·{scale:.3g}"
 
 
 def small_config(**model_overrides) -> ml_collections.ConfigDict:
@@ -340,3 +332,11 @@ def test_attention_is_softmax_weighted_mean():
     w = np.exp(logits - logits.max(-1, keepdims=True))
     w /= w.sum(-1, keepdims=True)
     np.testing.assert_allclose(out, np.einsum("bij,bjc->bic", w, vf).reshape(2, 3, 4, 5), rtol=1e-5, atol=1e-5)
+
+
+def test_model_registry_names_the_config_field_and_refuses_duplicates():
+    assert {"ddpm", "ncsnpp", "ncsn", "ncsnv2_64"} <= set(mutils.registered_models())
+    with pytest.raises(ValueError, match=r"config\.model\.name.*'ddpm'"):
+        mutils.get_model("ddpmpp")
+    with pytest.raises(ValueError, match="already registered"):
+        mutils.register_model(nn.Module, name="ddpm")

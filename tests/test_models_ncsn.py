@@ -24,6 +24,7 @@ from models import utils as mutils
 from models import wideresnet_noise_conditional as wrn
 from models.ncsn_normalization import (ConditionalInstanceNorm2dPlus, InstanceNorm2d, InstanceNorm2dPlus,
                                        VarianceNorm2d, get_normalization, instance_moments)
+from tests.helpers import assert_close_scaled
 
 NCSN_MODELS = ("ncsn", "ncsnv2_64", "ncsnv2_128", "ncsnv2_256")
 CONFIG_ROOT = pathlib.Path(__file__).resolve().parents[1] / "configs"
@@ -58,15 +59,6 @@ def load_variables(npz) -> dict:
     """``var/<collection>/<path>/<leaf>`` entries as a nested float32 tree."""
     return flax.traverse_util.unflatten_dict(
         {tuple(k.split("/")[1:]): jnp.asarray(npz[k], jnp.float32) for k in npz.files if k.startswith("var/")})
-
-
-def assert_close_scaled(actual, expected, rtol: float = 1e-4) -> None:
-    """|actual - expected| <= rtol·max|expected| everywhere (the golden README's criterion)."""
-    actual, expected = np.asarray(actual), np.asarray(expected)
-    assert actual.shape == expected.shape
-    scale = np.abs(expected).max()
-    err = np.abs(actual - expected).max()
-    assert err <= rtol * scale, f"max abs error {err:.3g} > {rtol}·{scale:.3g}"
 
 
 def apply_overrides(config: ml_collections.ConfigDict, overrides: dict) -> ml_collections.ConfigDict:

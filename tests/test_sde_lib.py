@@ -5,14 +5,9 @@ import numpy as np
 import pytest
 
 import sde_lib
+from tests.helpers import SDE_NAMES, make_sde
 
 MU, S0 = 0.3, 0.5  # the golden data distribution: iid N(0.3, 0.5²) per dimension
-
-SDES = {
-    "vpsde": lambda: sde_lib.VPSDE(0.1, 20, N=1000),
-    "subvpsde": lambda: sde_lib.subVPSDE(0.1, 20, N=1000),
-    "vesde": lambda: sde_lib.VESDE(0.01, 50, N=1000),
-}
 
 
 def exact_gaussian_score(name, sde):
@@ -36,9 +31,9 @@ def golden(golden_dir):
     return np.load(golden_dir / "sde_sampling_likelihood.npz")
 
 
-@pytest.mark.parametrize("name", sorted(SDES))
+@pytest.mark.parametrize("name", SDE_NAMES)
 def test_sde_quantities_match_golden(name, golden):
-    sde = SDES[name]()
+    sde = make_sde(name)
     x, t = jnp.asarray(golden["sde_x"]), jnp.asarray(golden["sde_t"])
     drift, diffusion = sde.sde(x, t)
     mean, std = sde.marginal_prob(x, t)
@@ -58,10 +53,10 @@ def test_sde_quantities_match_golden(name, golden):
         np.testing.assert_allclose(np.asarray(value), want, rtol=1e-5, atol=1e-5 * scale, err_msg=key)
 
 
-@pytest.mark.parametrize("name", sorted(SDES))
+@pytest.mark.parametrize("name", SDE_NAMES)
 def test_euler_maruyama_forward_simulation_matches_marginal(name):
     """Simulate the forward SDE from N(MU, S0²) and compare moments with marginal_prob."""
-    sde = SDES[name]()
+    sde = make_sde(name)
     n_paths, n_steps = 20000, 1000
     t_end = 0.6
     dt = t_end / n_steps
@@ -92,9 +87,9 @@ def test_euler_maruyama_forward_simulation_matches_marginal(name):
     assert abs(got.var() - want_var) < mc_var_err
 
 
-@pytest.mark.parametrize("name", sorted(SDES))
+@pytest.mark.parametrize("name", SDE_NAMES)
 def test_prior_logp_is_closed_form_gaussian(name):
-    sde = SDES[name]()
+    sde = make_sde(name)
     z = jax.random.normal(jax.random.PRNGKey(3), (4, 3, 5, 2)) * 7.0
     sigma = sde.sigma_max if name == "vesde" else 1.0
     flat = np.asarray(z, np.float64).reshape(4, -1)
