@@ -2,12 +2,12 @@
 
 The floor is one jitted evaluation of the probability-flow drift plus its Hutchinson divergence
 (one ``jax.jvp`` of the score network, as the likelihood computes it), the least any solver can
-spend per NFE. The VJP formulation of the same estimate (perf_ref.py's floor for the original) is
-timed beside it. Benchmark model:
+spend per NFE. The VJP formulation of the same estimate (the original's, whose floor
+``docs/performance.md`` quotes) is timed beside it. Benchmark model:
 ``configs/vp/cifar10_ddpmpp_continuous.py`` with ``nf=32, ch_mult=(1, 2, 2), num_res_blocks=2,
 attn_resolutions=(16,)``; batch 8 of 32×32×3; VPSDE(0.1, 20, 1000); initial weights from
-PRNGKey(1) (as ``/work/shared/tools/perf_ref.py``), optionally perturbed by ``--perturb`` ×
-N(0, 1) on every leaf; data ``0.5 · N(0, 1)``; identity inverse scaler.
+PRNGKey(1) (as the original was timed), optionally perturbed by ``--perturb`` × N(0, 1) on every
+leaf; data ``0.5 · N(0, 1)``; identity inverse scaler.
 
 Solvers timed:
 * ``scipy`` — :func:`likelihood.get_likelihood_fn` with ``solver='scipy'`` (RK45, the original's
@@ -85,7 +85,7 @@ def main() -> None:
     probe = likelihood.sample_probe(jax.random.PRNGKey(5), data.shape, "Rademacher")
     t_half = jnp.full((BATCH,), 0.5)
 
-    def vjp_drift_div(y, t):  # the same estimate through a VJP, the formulation of perf_ref.py's floor
+    def vjp_drift_div(y, t):  # the same estimate through a VJP, the original's formulation
         out, vjp_fn = jax.vjp(lambda z: drift(z, t), y)
         return out, jnp.sum(vjp_fn(probe)[0] * probe, axis=(1, 2, 3))
 
@@ -103,7 +103,7 @@ def main() -> None:
     print(f"floor_drift_div (jvp, ours) wall min {jvp_times[:, 0].min():.4f} median {floor:.4f} s, "
           f"cpu min {jvp_times[:, 1].min():.4f} median {floor_cpu:.4f} s (first call incl. compile "
           f"{floor_compile:.2f} s)", flush=True)
-    print(f"floor_drift_div_vjp (perf_ref.py's formulation) wall min {vjp_times[:, 0].min():.4f} median "
+    print(f"floor_drift_div_vjp (the original's formulation) wall min {vjp_times[:, 0].min():.4f} median "
           f"{np.median(vjp_times[:, 0]):.4f} s, cpu min {vjp_times[:, 1].min():.4f} median "
           f"{np.median(vjp_times[:, 1]):.4f} s", flush=True)
 

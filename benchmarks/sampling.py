@@ -2,15 +2,16 @@
 
 Benchmark model: ``configs/vp/cifar10_ddpmpp_continuous.py`` with ``nf=32, ch_mult=(1, 2, 2),
 num_res_blocks=2, attn_resolutions=(16,)``; batch 8 of 32×32×3; VPSDE(0.1, 20); initial weights
-from PRNGKey(1), as ``/work/shared/tools/perf_ref.py`` times the original code.
+from PRNGKey(1), as the original code was timed for ``docs/performance.md``.
 
 Printed (one line per figure; every timing excludes compilation and is the minimum over repeats, in
 wall seconds and in CPU seconds of this process, the steadier figure on a shared machine):
 
 * ``score_eval`` — one jitted score evaluation (the floor any sampler pays per evaluation);
 * ``pc_N<N>`` — :func:`sampling.get_pc_sampler` with reverse diffusion + Langevin (snr 0.16,
-  one corrector step), total seconds, NFE = 2N and seconds per evaluation beside ``score_eval``
-  (goal ≤ 1.1×; the original: 0.115 s per evaluation on this CPU);
+  one corrector step), total seconds, NFE = 2N (one predictor and one corrector evaluation per
+  step) and seconds per evaluation beside ``score_eval`` (goal ≤ 1.1×; the original: 0.115 s per
+  evaluation on this CPU);
 * ``ode_<solver>`` — :func:`sampling.get_ode_sampler` (RK45 pair, no denoising) with the JAX
   solver (one compiled program) and scipy's ``solve_ivp`` (host loop): NFE and seconds per NFE.
 
