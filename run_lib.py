@@ -555,17 +555,16 @@ def _check_checkpoints_present(checkpoint_dir: str, first: int, last: int, wait_
         "`--mode train` will still write, set config.eval.wait_for_checkpoints_s (seconds).")
 
 
-def _check_result_settings(eval_dir: str, settings: dict) -> None:
-    """Refuse to add results to ``eval_dir`` when they were computed with other settings."""
+def _check_result_settings(eval_dir: str, settings: dict) -> dict:
+    """Refuse to add results to ``eval_dir`` when they were computed with other settings; returns what to record."""
     recorded = eval_records.load_settings(eval_dir)
-    if recorded is None:
-        return
-    differences = eval_records.settings_differences(recorded, settings)
+    differences = eval_records.settings_differences(recorded, settings) if recorded is not None else []
     if differences:
         raise EvaluationError(
             f"{eval_dir} holds results computed with other settings ({'; '.join(differences)}); new rounds would "
             "be mixed with them. Evaluate into another folder (--eval_folder) or with the settings recorded in "
             f"{eval_records.settings_path(eval_dir)}.")
+    return eval_records.merged_settings(recorded, settings)
 
 
 # ---- checkpoints --------------------------------------------------------------------------------
@@ -870,8 +869,7 @@ def evaluate(config, workdir: str, eval_folder: str = "eval", feature_extractor=
     sample_metrics = _load_sample_metric_inputs(config, feature_extractor) if config.eval.enable_sampling else None
     eval_dir = os.path.join(workdir, eval_folder)
     host = parallel.process_index()
-    settings = eval_records.result_settings(config, parallel.device_count())
-    _check_result_settings(eval_dir, settings)
+    settings = _check_result_settings(eval_dir, eval_records.result_settings(config, parallel.device_count()))
     meta = eval_records.load_eval_meta(eval_dir, host)
     begin, end = config.eval.begin_ckpt, config.eval.end_ckpt
     first = max(begin, meta.ckpt_id) if meta is not None else begin

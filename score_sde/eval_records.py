@@ -198,6 +198,13 @@ RESULT_SECTIONS = ("data", "model", "sampling", "eval")
 # Fields of config.training that the evaluation loss depends on.
 RESULT_TRAINING_FIELDS = ("training.sde", "training.continuous", "training.reduce_mean",
                           "training.likelihood_weighting")
+# Fields (by prefix) that only one part of the evaluation uses: they define results only while the
+# switch of that part is on (the ODE fields serve both bits/dim and the ODE sampler).
+PART_FIELDS = {
+    "eval.enable_loss": ("training.", "data.uniform_dequantization"),
+    "eval.enable_bpd": ("sampling.ode_", "eval.bpd_dataset"),
+    "eval.enable_sampling": ("sampling.", "eval.num_samples", "eval.inception_path", "eval.stats_dir"),
+}
 SETTINGS_FILE = "settings.json"
 
 
@@ -215,13 +222,18 @@ def result_settings(config, device_count: int) -> dict:
     """The settings that define an evaluation's results, as ``{'section.field': JSON value}``.
 
     Every field of :data:`RESULT_SECTIONS`, :data:`RESULT_TRAINING_FIELDS` and ``seed``, less
-    :data:`FREE_FIELDS`, plus ``devices``: the number of devices, since the random numbers of
-    bits/dim and sampling are drawn per device.
+    :data:`FREE_FIELDS` and the :data:`PART_FIELDS` of the parts that are off, plus ``devices``:
+    the number of devices, since the random numbers of bits/dim and sampling are drawn per device.
     """
     flat = _flatten(config.to_dict())
+
+    def used(key: str) -> bool:
+        switches = [switch for switch, prefixes in PART_FIELDS.items() if key.startswith(prefixes)]
+        return not switches or any(flat[switch] for switch in switches)
+
     chosen = {key: value for key, value in flat.items()
               if (key.split(".")[0] in RESULT_SECTIONS or key in RESULT_TRAINING_FIELDS or key == "seed")
-              and key not in FREE_FIELDS}
+              and key not in FREE_FIELDS and used(key)}
     chosen["devices"] = int(device_count)
     # Through JSON, so that values compare as they are stored (tuples become lists).
     return json.loads(json.dumps(chosen, sort_keys=True, default=str))
@@ -251,10 +263,18 @@ def save_settings(eval_dir: str, settings: Mapping) -> None:
 
 
 def settings_differences(recorded: Mapping, current: Mapping) -> list[str]:
-    """``'field: recorded -> current'`` for every field whose value differs (or is on one side only)."""
-    absent = "(absent)"
-    return [f"{key}: {recorded.get(key, absent)!r} -> {current.get(key, absent)!r}"
-            for key in sorted(set(recorded) | set(current)) if recorded.get(key, absent) != current.get(key, absent)]
+    """``'field: recorded -> current'`` for every field recorded and current with different values.
+
+    A field on one side only (a part switched on or off, a field a newer config added) is no
+    difference: :func:`merged_settings` then records it.
+    """
+    return [f"{key}: {recorded[key]!r} -> {current[key]!r}"
+            for key in sorted(set(recorded) & set(current)) if recorded[key] != current[key]]
+
+
+def merged_settings(recorded: Mapping | None, current: Mapping) -> dict:
+    """What to record after a run with ``current`` settings: ``recorded`` (None: nothing yet) updated by them."""
+    return {**(recorded or {}), **current}
 
 
 def key_to_list(key) -> list:

@@ -77,20 +77,27 @@ def test_waiting_is_announced_not_refused(tmp_path, caplog):
     assert "Checkpoint(s) 1-3 are not in" in caplog.text and "waiting up to 600 s" in caplog.text
 
 
+def _all_parts(config):
+    config.eval.enable_loss = config.eval.enable_bpd = config.eval.enable_sampling = True
+    return config
+
+
 @pytest.mark.parametrize("field, value", [
     ("sampling.ode_rtol", 1e-3), ("sampling.ode_solver", "scipy"), ("eval.bpd_dataset", "train"),
     ("eval.batch_size", 32), ("eval.num_samples", 100), ("data.uniform_dequantization", True),
     ("sampling.predictor", "reverse_diffusion"), ("seed", 7), ("model.num_scales", 100),
+    ("training.continuous", False), ("eval.inception_path", "/another/network"),
 ])
-def test_resuming_with_other_result_settings_is_refused(tmp_path, no_work, field, value):
+def test_resuming_with_other_result_settings_is_refused(tmp_path, no_work, monkeypatch, field, value):
     """An evaluation folder whose recorded settings differ: refused naming the field; the folder is left as it was."""
-    recorded = _config()
+    monkeypatch.setattr(run_lib, "_load_sample_metric_inputs", lambda config, extractor: {})  # no Inception here
+    recorded = _all_parts(_config())
     eval_dir = tmp_path / "eval"
     eval_dir.mkdir()
     eval_records.save_settings(str(eval_dir), eval_records.result_settings(recorded, 1))
     eval_records.save_eval_meta(str(eval_dir), 0, eval_records.EvalMeta(ckpt_id=1, rng=[0, 42], bpd_rounds_done=3))
     before = _snapshot(eval_dir)
-    changed = _config()
+    changed = _all_parts(_config())
     changed.update_from_flattened_dict({field: value})
     message = _refused(changed, tmp_path, "holds results computed with other settings")
     assert f"{field}: " in message and "--eval_folder" in message
@@ -98,15 +105,30 @@ def test_resuming_with_other_result_settings_is_refused(tmp_path, no_work, field
 
 
 def test_free_fields_do_not_change_the_settings():
-    """Which checkpoints and parts, how long to wait, where the data are: the same results, so the same settings."""
-    a, b = _config(begin=1, end=1), _config(begin=2, end=9, wait_s=60)
-    b.eval.enable_bpd = not a.eval.enable_bpd
-    b.eval.enable_loss = not a.eval.enable_loss
+    """Which checkpoints, how long to wait, where the data are: the same results, so the same settings."""
+    a, b = _all_parts(_config(begin=1, end=1)), _all_parts(_config(begin=2, end=9, wait_s=60))
     b.data.data_dir = "/elsewhere"
     b.model.ema_rate = 0.5
     assert eval_records.settings_differences(eval_records.result_settings(a, 1), eval_records.result_settings(b, 1)) == []
     assert eval_records.settings_differences(eval_records.result_settings(a, 1),
                                              eval_records.result_settings(a, 2)) == ["devices: 1 -> 2"]
+
+
+def test_a_part_switched_on_later_records_its_settings():
+    """Bits/dim at rtol 1e-3, then the loss only (no conflict; both recorded), then bits/dim at 1e-5: refused."""
+    bpd_only = _config()
+    bpd_only.eval.enable_loss, bpd_only.eval.enable_bpd = False, True
+    bpd_only.sampling.ode_rtol = 1e-3
+    loss_only = _config()
+    loss_only.eval.enable_loss, loss_only.eval.enable_bpd = True, False
+    loss_only.sampling.ode_rtol = 1e-5
+    first, second = eval_records.result_settings(bpd_only, 1), eval_records.result_settings(loss_only, 1)
+    assert "training.continuous" not in first and "sampling.ode_rtol" not in second
+    assert eval_records.settings_differences(first, second) == []
+    recorded = eval_records.merged_settings(first, second)
+    bpd_only.sampling.ode_rtol = 1e-5
+    assert eval_records.settings_differences(recorded, eval_records.result_settings(bpd_only, 1)) == [
+        "sampling.ode_rtol: 0.001 -> 1e-05"]
 
 
 def test_same_settings_pass_on_to_the_checkpoint_check(tmp_path, no_work):
@@ -181,13 +203,17 @@ def test_wait_ends_with_an_error_at_the_timeout(tmp_path, monkeypatch):
     assert fake.sleeps == [poll, poll, 150 - 2 * poll]  # never past the deadline
 
 
-@pytest.mark.parametrize("damage", ["garbage", "truncated", "other model"])
+@pytest.mark.parametrize("damage", ["garbage", "truncated", "flipped byte", "other model"])
 def test_unreadable_checkpoint_fails_at_once_naming_the_file(tmp_path, monkeypatch, damage):
     path = pathlib.Path(checkpoints.save_checkpoint(str(tmp_path), _state(1.0), step=5, keep=np.inf))
+    data = bytearray(path.read_bytes())
     if damage == "garbage":
         path.write_bytes(b"\x00\xffnot a checkpoint" * 10)
     elif damage == "truncated":
-        path.write_bytes(path.read_bytes()[:20])
+        path.write_bytes(data[:20])
+    elif damage == "flipped byte":
+        data[len(data) // 3] ^= 0x01
+        path.write_bytes(bytes(data))
     else:
         checkpoints.save_checkpoint(str(tmp_path), {"w": np.zeros((4, 4), np.float32), "step": np.int32(1)}, step=5)
 
@@ -198,3 +224,5 @@ def test_unreadable_checkpoint_fails_at_once_naming_the_file(tmp_path, monkeypat
     with pytest.raises(run_lib.EvaluationError, match=f"Cannot evaluate {path}") as info:
         run_lib._wait_and_restore(str(tmp_path), 5, TEMPLATE, wait_s=600)
     assert "\n" not in str(info.value)
+    if damage != "other model":
+        assert isinstance(info.value.__cause__, checkpoints.CorruptCheckpointError)
