@@ -179,7 +179,7 @@ ORIGINAL = {path: {field: _decode(value) for field, value in fields.items()}
 
 # Deliberate differences from the original files (each documented in the file itself). Nothing else may differ.
 NEW_FIELDS = {'sampling.ode_solver', 'sampling.ode_rtol', 'sampling.ode_atol', 'data.data_dir', 'eval.inception_path',
-              'eval.stats_dir'}
+              'eval.stats_dir', 'eval.wait_for_checkpoints_s'}
 STANDALONE_ADDED = NEW_FIELDS | {'training.n_jitted_steps', 'eval.enable_sampling', 'eval.enable_loss',
                                  'eval.enable_bpd', 'eval.bpd_dataset', 'model.beta_min', 'model.beta_max'}
 ADDED = {'ve/celebahq_ncsnpp_continuous.py': STANDALONE_ADDED, 've/ffhq_ncsnpp_continuous.py': STANDALONE_ADDED,
