@@ -1,0 +1,1 @@
+"""Configs of ``--mode tables`` (package so they import as `configs.tables.<name>`)."""

@@ -1,0 +1,316 @@
+"""What :mod:`score_sde.tables` writes from its stored cells: markdown tables, the claims, PNG plots.
+
+Everything here reads the store (``tables.json``'s content) and computes nothing expensive.
+Intervals are 95% Student-t intervals over seeds (sampler table) or data points (likelihood).
+"""
+from __future__ import annotations
+
+import math
+import os
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from score_sde import paper_results
+from score_sde import tables as T
+
+METRICS = (("sw", "sliced W1 to exact samples", "{:.3f}"), ("dlogp", "Δ mean log p (nats)", "{:+.3f}"),
+           ("mmd2", "MMD² to exact samples", "{:.1e}"))
+SDE_LABELS = {"vesde": "VE", "vpsde": "VP", "subvpsde": "subVP"}
+ROW_LABELS = {"ancestral_sampling": "ancestral sampling", "reverse_diffusion": "reverse diffusion",
+              "probability_flow": "probability flow", T.CORRECTOR_ONLY: "corrector only", T.EXACT: "exact samples"}
+COLORS = {"ancestral_sampling": (31, 119, 180), "reverse_diffusion": (44, 160, 44),
+          "probability_flow": (214, 39, 40), T.CORRECTOR_ONLY: (148, 103, 189), T.EXACT: (90, 90, 90)}
+
+
+def _fmt(mean: float, half: float, pattern: str) -> str:
+    if math.isnan(mean):
+        return "n/a"
+    return pattern.format(mean) + ("" if math.isnan(half) else " ± " + pattern.format(half).lstrip("+"))
+
+
+def _cell(store: dict, dim, sde, predictor, sampler) -> dict | None:
+    return store["sampler"].get(T.sampler_key(dim, sde, predictor, sampler))
+
+
+def _ci(cell: dict | None, metric: str) -> tuple[float, float]:
+    if not cell or not cell[metric]:
+        return float("nan"), float("nan")
+    return T.mean_ci(cell[metric])
+
+
+def _grid(config) -> dict:
+    """The sampler names playing P<N>, P<2N>, C<2N>, PC<N> in this config (None where absent)."""
+    samplers = [T.parse_sampler(s) for s in config.tables.samplers]
+    p = sorted((s for s in samplers if s.predictor and not s.corrector_steps), key=lambda s: s.num_scales)
+    base = p[0].num_scales if p else None
+    pick = lambda cond: next((s.name for s in samplers if cond(s)), None)
+    return {"P": p[0].name if p else None,
+            "P2": pick(lambda s: s.predictor and not s.corrector_steps and s.num_scales == 2 * (base or -1)),
+            "C2": pick(lambda s: not s.predictor and s.nfe == 2 * (base or -1)),
+            "PC": pick(lambda s: s.predictor and s.corrector_steps == 1 and s.num_scales == base)}
+
+
+# ---------------------------------------------------------------------------------------------
+# Claims
+# ---------------------------------------------------------------------------------------------
+def _difference(worse: dict | None, better: dict | None, metric: str = "sw") -> tuple[float, float] | None:
+    """Mean and CI half-width of ``worse - better`` (paired by seed when both have every seed)."""
+    if not worse or not better or not worse[metric] or not better[metric]:
+        return None
+    a, b = np.asarray(worse[metric]), np.asarray(better[metric])
+    if a.size == b.size and not worse["diverged"] and not better["diverged"]:
+        return T.mean_ci(a - b)
+    (ma, ha), (mb, hb) = T.mean_ci(a), T.mean_ci(b)
+    return ma - mb, math.hypot(ha, hb)
+
+
+def _verdict(diff: tuple[float, float] | None) -> str:
+    if diff is None or math.isnan(diff[1]):
+        return "inconclusive"
+    mean, half = diff
+    return "holds" if mean - half > 0 else ("does not hold" if mean + half < 0 else "inconclusive")
+
+
+def _claim(text: str, paper: str, instances: list) -> dict:
+    """``instances``: ``(where, diff)``; the claim's tally and each instance's numbers."""
+    verdicts = [(where, _verdict(diff), diff) for where, diff in instances]
+    tally = {v: sum(1 for _, w, _ in verdicts if w == v) for v in ("holds", "does not hold", "inconclusive")}
+    overall = ("holds" if tally["holds"] == len(verdicts) else "does not hold" if tally["does not hold"] == len(verdicts)
+               else "inconclusive") if verdicts else "not measured"
+    return {"claim": text, "paper": paper, "overall": overall, "tally": tally,
+            "instances": [{"where": w, "verdict": v, "difference": None if d is None else list(d)}
+                          for w, v, d in verdicts]}
+
+
+def claims(config, store: dict) -> list:
+    """The paper's claims about samplers and likelihoods, judged on the measured cells.
+
+    Each instance compares two cells' sliced Wasserstein distance (worse minus better, an
+    interval over seeds): holds if the interval is above 0, does not hold if below, else
+    inconclusive.
+    """
+    t, g = config.tables, _grid(config)
+    where = [(d, s) for d in t.dims for s in t.sdes]
+    label = lambda d, s, p="": f"{d}-D {SDE_LABELS[s]}" + (f" {ROW_LABELS[p]}" if p else "")
+    preds = lambda s: [p for p in t.predictors if not (p == "ancestral_sampling" and s == "subvpsde")]
+    out = []
+    if g["P"] and g["PC"]:
+        out.append(_claim(f"{g['PC']} beats {g['P']}: a corrector step after every predictor step helps",
+                          "always (Table 1, every predictor, VE and VP)",
+                          [(label(d, s, p), _difference(_cell(store, d, s, p, g["P"]), _cell(store, d, s, p, g["PC"])))
+                           for d, s in where for p in preds(s)]))
+    if g["P2"] and g["PC"]:
+        out.append(_claim(f"{g['PC']} beats {g['P2']} at the same number of score evaluations",
+                          "typically (Table 1)",
+                          [(label(d, s, p), _difference(_cell(store, d, s, p, g["P2"]), _cell(store, d, s, p, g["PC"])))
+                           for d, s in where for p in preds(s)]))
+    if g["C2"] and g["P2"] and g["PC"]:
+        out.append(_claim(f"corrector only ({g['C2']}) is worse than {g['P2']} and {g['PC']} at equal evaluations",
+                          "yes (Table 1)",
+                          [(label(d, s, p) + f" vs {other}",
+                            _difference(_cell(store, d, s, T.CORRECTOR_ONLY, g["C2"]), _cell(store, d, s, p, other)))
+                           for d, s in where for p in preds(s) for other in (g["P2"], g["PC"])]))
+    if g["P"] and {"ancestral_sampling", "reverse_diffusion"} <= set(t.predictors):
+        out.append(_claim("reverse diffusion beats ancestral sampling", "always (Table 1)",
+                          [(label(d, s) + f" {n}", _difference(_cell(store, d, s, "ancestral_sampling", n),
+                                                                _cell(store, d, s, "reverse_diffusion", n)))
+                           for d, s in where if s != "subvpsde" for n in (g["P"], g["PC"]) if n]))
+    if g["P"] and {"probability_flow", "reverse_diffusion"} <= set(t.predictors):
+        out.append(_claim(f"probability flow is worse than reverse diffusion at {g['P']}",
+                          "yes (Table 1, VE and VP P1000)",
+                          [(label(d, s), _difference(_cell(store, d, s, "probability_flow", g["P"]),
+                                                     _cell(store, d, s, "reverse_diffusion", g["P"])))
+                           for d, s in where]))
+    if g["P"] and g["P2"]:
+        out.append(_claim(f"the error shrinks with more steps: {g['P2']} beats {g['P']}",
+                          "yes for FID, except VP ancestral sampling (Table 1)",
+                          [(label(d, s, p), _difference(_cell(store, d, s, p, g["P"]), _cell(store, d, s, p, g["P2"])))
+                           for d, s in where for p in preds(s)]))
+    lik = store.get("likelihood", {})
+    if lik:
+        inst = []
+        for key, cell in sorted(lik.items()):
+            solver = T.mean_ci(cell["solver"])
+            inst.append((key, (abs(solver[0]) + solver[1], 0.0)))
+        out.append({"claim": "the exact-score probability-flow ODE gives the exact NLL up to the prior-mismatch term",
+                    "paper": "the method (Section 4.3, Appendix D.2)",
+                    "overall": "holds" if all(abs(np.mean(c["solver"])) < 1e-3 for c in lik.values()) else "does not hold",
+                    "tally": {}, "instances": [{"where": k, "verdict": "|solver error| + CI = " + f"{v[0]:.1e} bits/dim",
+                                                "difference": list(v)} for k, v in inst]})
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Markdown
+# ---------------------------------------------------------------------------------------------
+def _sampler_tables(config, store: dict) -> list[str]:
+    t = config.tables
+    samplers = [T.parse_sampler(s) for s in t.samplers]
+    rows = list(t.predictors) + [T.CORRECTOR_ONLY, T.EXACT]
+    lines = []
+    for dim in t.dims:
+        for metric, title, pattern in METRICS:
+            cols = [(s, smp) for s in t.sdes for smp in samplers]
+            lines += [f"#### {dim}-D mixture: {title}", "",
+                      "| sampler (score evaluations) | " + " | ".join(f"{SDE_LABELS[s]} {smp.name} ({smp.nfe})"
+                                                                  for s, smp in cols) + " |",
+                      "|---" * (len(cols) + 1) + "|"]
+            for row in rows:
+                cells = []
+                for s, smp in cols:
+                    name = "-" if row == T.EXACT else smp.name
+                    applies = (row == T.EXACT) or (row == T.CORRECTOR_ONLY) == (not smp.predictor)
+                    cell = _cell(store, dim, s, row, name) if applies else None
+                    text = _fmt(*_ci(cell, metric), pattern) if cell else "–"
+                    if cell and cell["diverged"]:
+                        text += f" ({cell['diverged']} diverged)"
+                    cells.append(text)
+                if any(c != "–" for c in cells):
+                    lines.append(f"| {ROW_LABELS[row]} | " + " | ".join(cells) + " |")
+            lines.append("")
+    return lines
+
+
+def _likelihood_table(store: dict) -> list[str]:
+    lines = ["| data | SDE | exact NLL | ODE bits/dim | ODE − exact | prior-mismatch term | solver error | "
+             "max abs solver error | ODE evaluations |", "|---" * 9 + "|"]
+    for key, c in sorted(store["likelihood"].items()):
+        dim, sde = key.split("/")
+        diff = np.asarray(c["ode"]) - np.asarray(c["exact"])
+        cols = [_fmt(*T.mean_ci(c["exact"]), "{:.4f}"), _fmt(*T.mean_ci(c["ode"]), "{:.4f}"),
+                _fmt(*T.mean_ci(diff), "{:+.1e}"), _fmt(*T.mean_ci(c["prior"]), "{:+.1e}"),
+                _fmt(*T.mean_ci(c["solver"]), "{:+.1e}"), f"{np.max(np.abs(c['solver'])):.1e}", str(c["nfe"])]
+        lines.append(f"| {dim[1:]}-D mixture | {SDE_LABELS[sde]} | " + " | ".join(cols) + " |")
+    return lines + [""]
+
+
+def _claims_section(claim_list: list) -> list[str]:
+    lines = ["## Which of the paper's claims hold at this scale", "",
+             "Generated from the measured cells: an instance holds when the 95% interval of the difference in "
+             "sliced W1 (worse minus better, paired by seed) lies above 0, does not hold when below 0, and is "
+             "inconclusive when it contains 0.", ""]
+    for c in claim_list:
+        tally = ", ".join(f"{k} {v}" for k, v in c["tally"].items() if v) if c["tally"] else ""
+        lines.append(f"- **{c['claim']}** — paper: {c['paper']}. Here: **{c['overall']}**" + (f" ({tally})." if tally else "."))
+        for inst in c["instances"]:
+            d = inst["difference"]
+            nums = "" if d is None or not c["tally"] else f": difference {d[0]:+.4f} ± {d[1]:.4f}"
+            lines.append(f"  - {inst['where']}: {inst['verdict']}{nums}")
+    return lines + [""]
+
+
+def markdown(config, store: dict, paper: dict | None, ours: dict) -> str:
+    """The whole ``tables.md``."""
+    t = config.tables
+    lines = ["# The paper's tables at CPU scale, with ground truth", "",
+             "Produced by `python main.py --mode tables --config <config> --workdir <dir>` "
+             "(`score_sde.tables.run`). Gaussian mixtures with exact scores (`score_sde/toy.py`): every number "
+             "below is the error of the numerical method alone. Intervals: 95% over "
+             f"{t.seeds} seeds of {t.num_samples} samples (sampler table) or over {t.likelihood_points} "
+             f"data points (likelihood table). SDEs: VE σ ∈ [{config.model.sigma_min}, {config.model.sigma_max}], "
+             f"VP / subVP β ∈ [{config.model.beta_min}, {config.model.beta_max}] (the paper's CIFAR-10 values); "
+             f"Langevin corrector snr {t.snr}.", ""]
+    if "sampler" in t.which:
+        lines += ["## Table 1 analogue: samplers against exact samples", "",
+                  "Rows as in the paper's Table 1, plus the corrector-only sampler (no predictor) and a second set "
+                  "of exact samples (the noise floor of each distance). Lower SW / MMD² is better; Δ mean log p "
+                  "is 0 for exact samples.", ""] + _sampler_tables(config, store)
+    if "likelihood" in t.which:
+        lines += ["## Table 2 analogue: bits/dim through the probability-flow ODE with the exact score", "",
+                  "Bits/dim of continuous data (no dequantisation offset), exact divergence, "
+                  f"rtol = {t.likelihood_rtol}, atol = {t.likelihood_atol}. ODE − exact = the method's bias: "
+                  "the prior-mismatch term (known here) plus p_eps vs p_0 plus the solver error.", ""]
+        lines += _likelihood_table(store)
+    lines += _claims_section(store.get("claims", []))
+    if paper is not None:
+        lines.append(paper_results.markdown(paper, ours))
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# Plots (PIL; no matplotlib)
+# ---------------------------------------------------------------------------------------------
+def _panel(draw, box, series: dict, floor: float | None, title: str, xr, yr) -> None:
+    """Log-log scatter with error bars: ``series[name] = [(nfe, mean, half)]``, a dashed noise floor."""
+    x0, y0, x1, y1 = box
+    draw.rectangle(box, outline=(0, 0, 0))
+    draw.text((x0 + 4, y0 + 3), title, fill=(0, 0, 0))
+    sx = lambda v: x0 + 30 + (math.log10(v) - xr[0]) / (xr[1] - xr[0] + 1e-9) * (x1 - x0 - 45)
+    sy = lambda v: y1 - 20 - (math.log10(max(v, 1e-12)) - yr[0]) / (yr[1] - yr[0] + 1e-9) * (y1 - y0 - 40)
+    if floor:
+        for x in range(int(x0 + 2), int(x1 - 2), 8):
+            draw.line((x, sy(floor), x + 4, sy(floor)), fill=COLORS[T.EXACT])
+    for name, points in series.items():
+        for nfe, mean, half in points:
+            if not mean > 0:
+                continue
+            cx, cy = sx(nfe), sy(mean)
+            if half == half and mean - half > 0:
+                draw.line((cx, sy(mean + half), cx, sy(mean - half)), fill=COLORS[name])
+            draw.ellipse((cx - 3, cy - 3, cx + 3, cy + 3), fill=COLORS[name])
+    draw.text((x0 + 4, y1 - 14), f"NFE 10^{xr[0]:.1f}..10^{xr[1]:.1f}, SW 10^{yr[0]:.1f}..10^{yr[1]:.1f}",
+              fill=(80, 80, 80))
+
+
+def plots(config, store: dict, workdir: str) -> list[str]:
+    """``sampler_error.png`` (SW vs score evaluations per dim × SDE) and ``samples_2d.png``."""
+    t = config.tables
+    if "sampler" not in t.which:
+        return []
+    samplers = [T.parse_sampler(s) for s in t.samplers]
+    panels = {}
+    for dim in t.dims:
+        for s in t.sdes:
+            series = {}
+            for p in list(t.predictors) + [T.CORRECTOR_ONLY]:
+                pts = [(smp.nfe, *_ci(_cell(store, dim, s, p, smp.name), "sw")) for smp in samplers
+                       if (p == T.CORRECTOR_ONLY) == (not smp.predictor)]
+                series[p] = [q for q in pts if not math.isnan(q[1])]
+            panels[(dim, s)] = (series, _ci(_cell(store, dim, s, T.EXACT, "-"), "sw")[0])
+    values = [m for series, _ in panels.values() for pts in series.values() for _, m, _ in pts if m > 0]
+    nfes = [smp.nfe for smp in samplers]
+    if not values:
+        return []
+    xr = (math.log10(min(nfes)) - 0.1, math.log10(max(nfes)) + 0.1)
+    yr = (math.log10(min(values)) - 0.2, math.log10(max(values)) + 0.2)
+    w, h = 300, 220
+    image = Image.new("RGB", (w * len(t.sdes), h * len(t.dims) + 24), "white")
+    draw = ImageDraw.Draw(image)
+    x = 4
+    for name, color in COLORS.items():
+        draw.text((x, 6), ROW_LABELS[name], fill=color)
+        x += 7 * len(ROW_LABELS[name]) + 14
+    for i, dim in enumerate(t.dims):
+        for j, s in enumerate(t.sdes):
+            series, floor = panels[(dim, s)]
+            _panel(draw, (j * w + 2, 24 + i * h + 2, (j + 1) * w - 2, 24 + (i + 1) * h - 2), series, floor,
+                   f"{dim}-D {SDE_LABELS[s]}: sliced W1 vs NFE", xr, yr)
+    paths = [os.path.join(workdir, "sampler_error.png")]
+    image.save(paths[0])
+    if 2 in t.dims:
+        paths.append(_samples_plot(config, store, workdir))
+    return paths
+
+
+def _samples_plot(config, store: dict, workdir: str) -> str:
+    """2-D samples (first seed) of the exact sampler and each predictor at P<N> and PC<N>, per SDE."""
+    t, g = config.tables, _grid(config)
+    columns = [(T.EXACT, "-")] + [(p, n) for p in t.predictors for n in (g["P"], g["PC"]) if n]
+    columns += [(T.CORRECTOR_ONLY, g["C2"])] if g["C2"] else []
+    size = 170
+    image = Image.new("RGB", (size * len(columns), size * len(t.sdes)), "white")
+    draw = ImageDraw.Draw(image)
+    for i, s in enumerate(t.sdes):
+        for j, (p, n) in enumerate(columns):
+            x0, y0 = j * size, i * size
+            draw.rectangle((x0 + 1, y0 + 1, x0 + size - 2, y0 + size - 2), outline=(0, 0, 0))
+            draw.text((x0 + 4, y0 + 3), f"{SDE_LABELS[s]} {ROW_LABELS[p]} {n if n != '-' else ''}", fill=(0, 0, 0))
+            cell = _cell(store, 2, s, p, n)
+            for px, py in (cell or {}).get("preview", []):
+                u, v = x0 + size / 2 + px * size / 11, y0 + size / 2 - py * size / 11
+                if x0 < u < x0 + size and y0 < v < y0 + size:
+                    draw.point((u, v), fill=COLORS[p])
+    path = os.path.join(workdir, "samples_2d.png")
+    image.save(path)
+    return path
