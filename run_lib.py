@@ -239,7 +239,8 @@ def _use_config_rates(state, config):
     for field, name, value in (("optim.lr", "lr", config.optim.lr), ("model.ema_rate", "ema_rate",
                                                                      config.model.ema_rate)):
         old = float(np.asarray(getattr(state, name)))
-        if old != value and parallel.is_main_process():
+        # Compared as stored: a checkpoint holds them in float32.
+        if np.float32(old) != np.float32(value) and parallel.is_main_process():
             logging.info("config.%s = %g replaces the checkpoint's %g from step %d on.", field, value, old,
                          int(state.step))
     return state.replace(lr=config.optim.lr, ema_rate=config.model.ema_rate)

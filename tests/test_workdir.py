@@ -76,6 +76,7 @@ def test_1_extending_a_run_with_other_frequencies_keeps_every_state_and_resumes_
     log = _log(workdir)
     assert "config.training.n_iters changed since the last run of this workdir: 6 -> 8" in log
     assert "saved as checkpoint_4" in log
+    assert "replaces the checkpoint's" not in log  # lr and ema_rate did not change (float32 in the checkpoint)
     assert json.loads((workdir / "config.json").read_text())["training"]["snapshot_freq"] == 4
     history = [json.loads(line) for line in (workdir / run_lib.CONFIG_HISTORY).read_text().splitlines()]
     assert [h["config"]["training"]["n_iters"] for h in history] == [6, 8]
