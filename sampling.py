@@ -248,9 +248,9 @@ class _LangevinBase(Corrector):
 
 
 def _mean_norm(v: jax.Array) -> jax.Array:
-    """Mean over the batch (and over the ``'batch'`` device axis when under pmap) of ``||v_i||``."""
+    """Mean of ``||v_i||`` over the batch, and over the devices as ``parallel.pmean_over_devices`` says."""
     norm = jnp.linalg.norm(v.reshape((v.shape[0], -1)), axis=-1).mean()
-    return parallel.pmean_if_bound(norm)
+    return parallel.pmean_over_devices(norm)
 
 
 @register_corrector(name="langevin")

@@ -7,13 +7,25 @@ directly), so moving to ``jit`` + sharding later touches this file only.
 
 Conventions: a *replicated* pytree has a leading axis of size ``local_device_count()``;
 a *sharded* batch has shape ``(local_device_count(), per_device_batch, ...)``.
-The collective axis is always named ``'batch'`` (the original's name, which correctors
-and the train step use in ``lax.pmean``).
+The collective axis is always named ``'batch'`` (the original's name, which the train
+step uses in ``lax.pmean``).
+
+Code that runs both under :func:`pmap` and on its own (the Langevin corrector's batch-averaged
+norms) averages with :func:`pmean_over_devices`, over the axis declared by :func:`device_axis`.
+:func:`pmap` declares its own axis while tracing; under any other mapping (``jax.pmap`` or
+``jax.vmap`` with another ``axis_name``) declare it with ``device_axis(name)``, or the average
+is over one call's batch only. Nothing is guessed: an undeclared axis is never averaged over and
+a declared one that is not bound raises JAX's unbound-axis ``NameError``. A declaration acts
+when a function is traced: a function that ``jax.jit`` already traced outside the block keeps
+that trace (the samplers build their functions afresh inside :func:`pmap`).
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import os
-from typing import Any, Callable, Sequence
+import threading
+from typing import Any, Callable, Iterator, Sequence
 
 import jax
 import numpy as np
@@ -45,27 +57,45 @@ def is_main_process() -> bool:
     return jax.process_index() == 0
 
 
+# The axis pmean_over_devices averages over, per thread (JAX traces a function in the calling thread).
+_declared = threading.local()
+
+
+@contextlib.contextmanager
+def device_axis(name: str | None) -> Iterator[None]:
+    """Declare ``name`` as the mapped axis that :func:`pmean_over_devices` averages over, for code traced inside
+    this block (``None``: no device axis, averages are over one call's batch)."""
+    previous = getattr(_declared, "axis", None)
+    _declared.axis = name
+    try:
+        yield
+    finally:
+        _declared.axis = previous
+
+
+def pmean_over_devices(x: Any) -> Any:
+    """Mean over the axis declared by :func:`device_axis` (inside :func:`pmap`: ``'batch'``); identity where none is
+    declared."""
+    name = getattr(_declared, "axis", None)
+    return x if name is None else jax.lax.pmean(x, axis_name=name)
+
+
 def pmap(fn: Callable, *, static_broadcasted_argnums: Sequence[int] = (), donate_argnums: Sequence[int] = ()) -> Callable:
-    """``jax.pmap`` over local devices with the collective axis named ``'batch'``."""
-    return jax.pmap(fn, axis_name=AXIS_NAME, static_broadcasted_argnums=tuple(static_broadcasted_argnums),
+    """``jax.pmap`` over local devices with the collective axis named ``'batch'``, declared for
+    :func:`pmean_over_devices` while ``fn`` is traced."""
+
+    @functools.wraps(fn)
+    def declared(*args, **kwargs):
+        with device_axis(AXIS_NAME):
+            return fn(*args, **kwargs)
+
+    return jax.pmap(declared, axis_name=AXIS_NAME, static_broadcasted_argnums=tuple(static_broadcasted_argnums),
                     donate_argnums=tuple(donate_argnums))
 
 
 def pmean(x: Any) -> Any:
     """Mean over the ``'batch'`` axis inside a :func:`pmap`-ed function."""
     return jax.lax.pmean(x, axis_name=AXIS_NAME)
-
-
-def pmean_if_bound(x: Any) -> Any:
-    """:func:`pmean` when called under :func:`pmap`, identity otherwise.
-
-    Lets per-replica algorithms (e.g. the Langevin corrector's step size) run both
-    inside the pmapped samplers and on a plain ``score_fn`` under ``jit``.
-    """
-    try:
-        return jax.lax.pmean(x, axis_name=AXIS_NAME)
-    except NameError:
-        return x
 
 
 def replicate(tree: Any) -> Any:
