@@ -39,9 +39,9 @@ Solvers (see ``score_sde.ode``): ``solver='scipy'`` runs ``scipy.integrate.solve
 and evaluates drift + divergence through a pmapped function per evaluation, as the original
 (reproduces its numbers); ``solver='jax'``, the default (``score_sde.ode.DEFAULT_SOLVER``, why
 there), runs the whole adaptive solve inside the pmapped function. With ``method=None`` the scipy
-path uses the original's 'RK45' and the JAX path 'dop853' with the max error norm, which at ``rtol = atol = 1e-5`` stays within 1e-5 bits/dim of
-the exact flow on the golden data (3.8e-6 / 3.8e-6 / 9.5e-6 for VP / subVP / VE), where RK45's
-error reaches 3.8e-5 (VE); pass ``method='DOP853'`` for scipy's version of that pair (RMS norm,
+path uses the original's 'RK45' and the JAX path 'dop853' with the max error norm, which at
+``rtol = atol = 1e-5`` stays within 1e-5 bits/dim of the exact flow on the golden data (3.8e-6 /
+3.8e-6 / 9.5e-6 for VP / subVP / VE), where RK45's error reaches 3.8e-5 (VE); pass ``method='DOP853'`` for scipy's version of that pair (RMS norm,
 1.4e-5 on VE). Global error is not bounded by the tolerances: for data whose spread is small
 against its mean or against ``atol``, tighten them (see ``score_sde.ode``).
 """

@@ -41,8 +41,8 @@ def all_config_names() -> list[str]:
     names = []
     for path in sorted(CONFIG_ROOT.rglob("*.py")):
         rel = path.relative_to(CONFIG_ROOT).with_suffix("")
-        if path.name == "__init__.py" or len(rel.parts) < 2:
-            continue  # packages and the shared default_*_configs.py
+        if path.name == "__init__.py" or path.name.startswith("default_") or len(rel.parts) < 2:
+            continue  # packages and the shared default_*_configs.py (at the top and in subfolders)
         names.append("/".join(rel.parts))
     return names
 

@@ -253,6 +253,19 @@ def test_pc_nfe_is_the_number_of_score_evaluations(pred, corr, n_steps):
     assert nfe == len(calls) == sde.N * (int(pred != "none") + n_steps * int(corr != "none"))
 
 
+@pytest.mark.parametrize("solver", ["scipy", "jax"])
+def test_ode_nfe_is_the_number_of_score_evaluations(solver):
+    """The solve's evaluations plus the denoising step's one."""
+    sde = make_sde("vesde")
+    calls = []
+    sampler = sampling.get_score_ode_sampler(sde, _counting(GAUSS.score_fn(sde), calls), (3, 2), denoise=True,
+                                             rtol=1e-3, atol=1e-3, eps=1e-5, solver=solver)
+    samples, nfe = sampler(jax.random.PRNGKey(0))
+    jax.block_until_ready(samples)
+    jax.effects_barrier()
+    assert nfe == len(calls)
+
+
 def test_probability_flow_pc_sampler_converges_to_the_exact_flow_map():
     """probability_flow=True with Euler–Maruyama: Euler steps of the ODE from the prior sample, no noise,
     so the samples approach the exact flow map T -> eps of Gaussian data at first order in 1/N."""
@@ -333,7 +346,9 @@ def _combos(name):
 
 @pytest.mark.parametrize("name", SDE_NAMES)
 def test_every_predictor_corrector_pair_samples_the_data_moments(name):
-    """Exact score of N(mean, cov) data: sample moments within 4 MC sigma + a 1/N discretisation allowance.
+    """Exact score of N(mean, cov) data: sample moments within 4 MC sigma (0.045 here), no allowance for the
+    discretisation: at N = 100 its bias is below the Monte Carlo noise of 4000 samples (largest error
+    measured 0.039, VE reverse diffusion). test_moment_error_shrinks_as_n_grows checks the bias itself.
 
     Corrector-only samplers take 5 Langevin steps on each of 2N levels (with fewer, the chain lags
     behind the shrinking noise levels: annealed Langevin needs many steps, as in NCSN).
@@ -351,7 +366,7 @@ def test_every_predictor_corrector_pair_samples_the_data_moments(name):
         else:
             x = _gauss_samples(name, n_levels, pred, corr, n)
         errors[(pred, corr)] = _moment_error(x)
-    tol = 4 * _mc_sigma(n) + 5.0 / n_levels
+    tol = 4 * _mc_sigma(n)
     bad = {k: round(v, 4) for k, v in errors.items() if not v < tol}
     assert not bad, f"moment errors above {tol:.3f}: {bad}"
 
