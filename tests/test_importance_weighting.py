@@ -232,3 +232,30 @@ def test_importance_weighted_loss_matches_score_flow(name, reduce_mean, train, f
                                      likelihood_weighting=True, eps=EPS, importance_weighting=True)
     loss, _ = jax.jit(loss_fn)(jax.random.PRNGKey(1), params, {}, {"image": jnp.asarray(npz["x"])})
     assert_close_scaled(loss, npz[f"{name}/loss_iw_mean{int(reduce_mean)}_train{int(train)}"])
+
+
+# --------------------------------------------------------------------------- score_flow's configs
+# Fields of score_flow's configs this port leaves out (see configs/score_flow/default_cifar10_configs.py).
+NOT_CARRIED = ("deq.", "eval.dequantizer", "eval.ckpt_id", "model.data_init", "model.trainable_embedding")
+
+
+def _flat_config(tree, prefix=""):
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            yield from _flat_config(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", {"tuple": list(value)} if isinstance(value, tuple) else value
+
+
+@pytest.mark.parametrize("relpath", ["default_cifar10_configs.py", "vp/cifar10_ddpmpp_continuous.py",
+                                     "vp/cifar10_ddpmpp_deep_continuous.py", "subvp/cifar10_ddpmpp_continuous.py",
+                                     "subvp/cifar10_ddpmpp_deep_continuous.py"])
+def test_score_flow_configs_match_the_original(relpath, golden_dir):
+    original = json.loads((golden_dir / "score_flow_configs.json").read_text())[relpath]
+    module = __import__("configs.score_flow." + relpath[:-3].replace("/", "."), fromlist=["_"])
+    ours = dict(_flat_config((getattr(module, "get_config", None) or module.get_default_configs)().to_dict()))
+    for field, value in original.items():
+        if field.startswith(NOT_CARRIED):
+            continue
+        assert field in ours, field
+        assert ours[field] == value and type(ours[field]) is type(value), (field, ours[field], value)
