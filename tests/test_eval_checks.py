@@ -109,7 +109,8 @@ def test_free_fields_do_not_change_the_settings():
     a, b = _all_parts(_config(begin=1, end=1)), _all_parts(_config(begin=2, end=9, wait_s=60))
     b.data.data_dir = "/elsewhere"
     b.model.ema_rate = 0.5
-    assert eval_records.settings_differences(eval_records.result_settings(a, 1), eval_records.result_settings(b, 1)) == []
+    settings_a, settings_b = eval_records.result_settings(a, 1), eval_records.result_settings(b, 1)
+    assert eval_records.settings_differences(settings_a, settings_b) == []
     assert eval_records.settings_differences(eval_records.result_settings(a, 1),
                                              eval_records.result_settings(a, 2)) == ["devices: 1 -> 2"]
 
