@@ -7,6 +7,7 @@ sampling.
 from __future__ import annotations
 
 import functools
+import os
 from typing import Any, Callable
 
 import flax
@@ -15,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import sde_lib
-from score_sde import registry
+from score_sde import checkpoints, registry
 from sde_lib import batch_mul
 
 
@@ -207,30 +208,64 @@ _CIFAR10_MEAN = (0.49139968, 0.48215841, 0.44653091)
 _CIFAR10_STD = (0.24703223, 0.24348513, 0.26158784)
 
 
-def create_classifier(prng_key, batch_size: int, ckpt_path: str | None):
+def create_classifier(prng_key, batch_size: int, ckpt_path: str | None = None, random_init: bool = False):
     """Create the noise-conditional Wide-ResNet classifier (CIFAR-10, 32×32×3, 10 classes).
 
     Args:
         prng_key: PRNG key for initialisation.
         batch_size: batch size used to initialise.
-        ckpt_path: a flax checkpoint directory or file holding the classifier's params; ``None``
-            keeps the freshly initialised parameters.
+        ckpt_path: the classifier's checkpoint: a ``checkpoint_<n>`` file of its parameters (flax msgpack, as the
+            original's released classifier; flax 0.3.1's ``(1, 1, 1, C)`` GroupNorm leaves are reshaped), or a
+            folder holding such files (the newest is read).
+        random_init: keep the freshly initialised parameters instead (tests only: the gradients of an untrained
+            classifier make class-conditional samples meaningless).
 
     Returns:
         ``(classifier, classifier_params)``.
-    """
-    from flax.training import checkpoints
 
-    from models import wideresnet_noise_conditional
+    Raises:
+        ValueError: neither or both of ``ckpt_path`` and ``random_init``; a checkpoint of another architecture.
+        FileNotFoundError: ``ckpt_path`` does not exist or holds no ``checkpoint_<n>`` file.
+    """
+    if (ckpt_path is None) != random_init:
+        raise ValueError(f"create_classifier(ckpt_path={ckpt_path!r}, random_init={random_init}): give the "
+                         "classifier's checkpoint as ckpt_path, or random_init=True for untrained weights (tests).")
+    from models import wideresnet_noise_conditional  # noqa: PLC0415 (the architectures import this module)
 
     classifier = wideresnet_noise_conditional.WideResnet(blocks_per_group=4, channel_multiplier=10, num_outputs=10)
     variables = classifier.init({"params": prng_key, "dropout": jax.random.PRNGKey(0)},
                                 jnp.ones((batch_size, 32, 32, 3), jnp.float32),
                                 jnp.ones((batch_size,), jnp.float32), train=False)
     params = flax.core.unfreeze(variables)["params"]
-    if ckpt_path is not None:
-        params = checkpoints.restore_checkpoint(ckpt_path, params)
-    return classifier, params
+    if random_init:
+        return classifier, params
+    path = checkpoints.latest_checkpoint(ckpt_path) if os.path.isdir(ckpt_path) else ckpt_path
+    if path is None or not os.path.isfile(path):
+        raise FileNotFoundError(f"No classifier checkpoint at {ckpt_path} (a checkpoint_<n> file, or a folder "
+                                "holding one); create_classifier's ckpt_path must name the trained classifier.")
+    return classifier, _classifier_params(checkpoints.read_raw(path), params, path)
+
+
+def _classifier_params(raw: dict, template: dict, path: str) -> dict:
+    """The parameter tree ``raw`` read from ``path``, checked against and cast like ``template``; flax 0.3.1's
+    GroupNorm ``scale`` / ``bias`` of shape ``(1, 1, 1, C)`` become ``(C,)``."""
+    flat_raw = flax.traverse_util.flatten_dict(raw)
+    flat_template = flax.traverse_util.flatten_dict(template)
+    if flat_raw.keys() != flat_template.keys():
+        missing = sorted("/".join(k) for k in flat_template.keys() - flat_raw.keys())
+        unexpected = sorted("/".join(k) for k in flat_raw.keys() - flat_template.keys())
+        raise ValueError(f"{path} is not a checkpoint of the WRN-28-10 classifier's parameters: missing "
+                         f"{missing[:5]}, unexpected {unexpected[:5]}; give create_classifier that classifier's file.")
+    params = {}
+    for key, want in flat_template.items():
+        value = np.asarray(flat_raw[key])
+        if value.shape == (1, 1, 1) + want.shape:
+            value = value.reshape(want.shape)
+        if value.shape != want.shape:
+            raise ValueError(f"{path}: classifier parameter {'/'.join(key)} has shape {value.shape}, the WRN-28-10 "
+                             f"classifier's is {want.shape}; give create_classifier that classifier's file.")
+        params[key] = jnp.asarray(value, want.dtype)
+    return flax.traverse_util.unflatten_dict(params)
 
 
 def get_logit_fn(classifier, classifier_params) -> Callable:

@@ -126,7 +126,7 @@ def test_classifier_param_tree_matches_original(golden_dir):
     golden = json.loads((golden_dir / "extra" / "classifier_param_tree.json").read_text())
     expected = {path: tuple(shape) for path, shape in golden["variables"].items()}
     # create_classifier builds the released WRN-28-10 (blocks_per_group=4, channel_multiplier=10, 10 classes)
-    params = jax.eval_shape(lambda key: mutils.create_classifier(key, 1, None)[1], jax.random.PRNGKey(0))
+    params = jax.eval_shape(lambda key: mutils.create_classifier(key, 1, random_init=True)[1], jax.random.PRNGKey(0))
     ours = {"params/" + path: shape for path, shape in flat_shapes(params).items()}
     assert ours == expected
     assert sum(math.prod(s) for s in ours.values()) == golden["num_params"] == 38_913_242
