@@ -185,10 +185,12 @@ def _sampler_tables(config, store: dict) -> list[str]:
     return lines
 
 
-def _likelihood_table(store: dict) -> list[str]:
+def _likelihood_table(config, store: dict) -> list[str]:
+    order = [f"d{d}/{s}" for d in config.tables.dims for s in config.tables.sdes]
     lines = ["| data | SDE | exact NLL | ODE bits/dim | ODE − exact | prior-mismatch term | solver error | "
              "max abs solver error | ODE evaluations |", "|---" * 9 + "|"]
-    for key, c in sorted(store["likelihood"].items()):
+    for key in [k for k in order if k in store["likelihood"]]:
+        c = store["likelihood"][key]
         dim, sde = key.split("/")
         diff = np.asarray(c["ode"]) - np.asarray(c["exact"])
         cols = [_fmt(*T.mean_ci(c["exact"]), "{:.4f}"), _fmt(*T.mean_ci(c["ode"]), "{:.4f}"),
@@ -241,7 +243,7 @@ def markdown(config, store: dict, paper: dict | None, ours: dict) -> str:
                   "Bits/dim of continuous data (no dequantisation offset), exact divergence, "
                   f"rtol = {t.likelihood_rtol}, atol = {t.likelihood_atol}. ODE − exact = the method's bias: "
                   "the prior-mismatch term (known here) plus p_eps vs p_0 plus the solver error.", ""]
-        lines += _likelihood_table(store)
+        lines += _likelihood_table(config, store)
     lines += _claims_section(store.get("claims", []))
     if paper is not None:
         lines.append(paper_results.markdown(paper, ours))

@@ -133,7 +133,7 @@ def test_killed_run_resumes_without_recomputing(tmp_path, monkeypatch):
     real = tables.sampler_cell
 
     def counted(*args):
-        calls.append(args[3].name if args[2] != tables.EXACT else "exact")
+        calls.append(args[4].name if args[3] != tables.EXACT else "exact")
         if len(calls) == 2 and kill:
             raise KeyboardInterrupt  # the job is killed inside its second cell
         return real(*args)

@@ -17,7 +17,7 @@ def get_config():
     tables.samplers = ('P1000', 'P2000', 'C2000', 'PC1000')
     tables.dims = (2, 16)
     tables.seeds = 5
-    tables.num_samples = 10000
+    tables.num_samples = 4000
     # The Langevin corrector's signal-to-noise ratio: the original's default (the paper tuned it per
     # sampler on CIFAR-10, Table 5; mixtures are not CIFAR-10).
     tables.snr = 0.16
