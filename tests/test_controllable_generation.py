@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 
 import sampling
-import sde_lib
 from models import utils as mutils
 from score_sde import controllable_generation as cg
 from score_sde import parallel, toy
+from tests.helpers import make_sde
 
 RD, LANGEVIN = sampling.get_predictor("reverse_diffusion"), sampling.get_corrector("langevin")
 
@@ -42,7 +42,7 @@ def test_inpainting_samples_the_conditional_gaussian():
     reverse diffusion + Langevin and N=1000 the error is within MC noise plus the corrector's
     step-size bias (a few per cent of the variance).
     """
-    sde = sde_lib.VESDE(0.01, 50, 1000)
+    sde = make_sde("vesde", 1000)
     dist = toy.Gaussian(INPAINT_MEAN, INPAINT_COV, event_shape=(2, 2, 1))
     known = np.array([True, True, False, False])
     values = np.array([0.8, 0.5])
@@ -68,7 +68,7 @@ def test_colorization_samples_the_conditional_gaussian():
     x_rgb = jnp.asarray([[0.1, 0.5, -0.3]])
     np.testing.assert_allclose(np.asarray(cg.couple(cg.decouple(x_rgb))), np.asarray(x_rgb), atol=1e-6)
     grey = 0.25
-    sde = sde_lib.subVPSDE(0.1, 20, 1000)
+    sde = make_sde("subvpsde", 1000)
     dist = toy.Gaussian(rgb_mean, rgb_cov, event_shape=(1, 1, 3))
     n = 8000
     grey_img = jnp.full((n, 1, 1, 3), grey)
@@ -83,7 +83,7 @@ def test_colorization_samples_the_conditional_gaussian():
 
 
 MIX = toy.GaussianMixture([0.5, 0.5], [[-0.8, 0.3, 0.1], [0.8, -0.4, 0.5]], [0.25, 0.3], event_shape=(1, 1, 3))
-VE = sde_lib.VESDE(0.01, 50, 400)
+VE = make_sde("vesde", 400)
 
 
 def test_class_conditional_sampling_with_exact_classifier():
@@ -101,7 +101,7 @@ def test_class_conditional_sampling_with_exact_classifier():
         _check_moments(xk, np.asarray(comp.mean_flat), np.asarray(comp.cov), extra=0.02)
 
 
-VE_SMALL = sde_lib.VESDE(0.01, 50, 100)
+VE_SMALL = make_sde("vesde", 100)
 
 
 def _t_of_sigma(sigma):
@@ -155,8 +155,8 @@ def test_model_level_controllable_generation_runs_on_devices():
 
 
 def test_invalid_configuration_fails_before_tracing():
-    sde = sde_lib.subVPSDE(0.1, 20, 1000)
+    sde = make_sde("subvpsde", 1000)
     with pytest.raises(NotImplementedError, match="subVPSDE"):
         cg.get_score_pc_inpainter(sde, MIX.score_fn(sde), sampling.get_predictor("ancestral_sampling"), None)
     with pytest.raises(ValueError, match="num_scales"):
-        cg.get_pc_colorizer(sde_lib.VPSDE(0.1, 20, 10), None, RD, None, lambda x: x, 0.16)
+        cg.get_pc_colorizer(make_sde("vpsde", 10), None, RD, None, lambda x: x, 0.16)
