@@ -116,6 +116,12 @@ def eval_command(checkpoint: str, config_path: str, column: str, root: str = "RU
     raise ValueError(f"no evaluation measures column {column!r}; use one of {list(EVAL_FOLDERS)}")
 
 
+def table1_folder(row: str, column: str) -> str:
+    """The eval folder of one Table 1 cell, e.g. ``eval_t1_vp_pc1000_reverse_diffusion``."""
+    sde, sampler = column.split()
+    return f"eval_t1_{sde}_{sampler}_{row.replace(' ', '_')}".lower()
+
+
 def table1_command(row: str, column: str, snr: float | None, root: str = "RUNS") -> str | None:
     """The command for one cell of Table 1 (``column`` like ``'VP PC1000'``), or None for P2000.
 
@@ -138,7 +144,7 @@ def table1_command(row: str, column: str, snr: float | None, root: str = "RUNS")
     elif sampler == "C2000":
         flags = ["--config.sampling.predictor=none", "--config.sampling.corrector=langevin",
                  f"--config.sampling.snr={snr}", "--config.sampling.n_steps_each=2"]
-    folder = f"eval_t1_{sde}_{sampler}_{row.replace(' ', '_')}".lower()
+    folder = table1_folder(row, column)
     return (f"python main.py --config {TABLE1_CONFIGS[sde]} --mode eval --workdir {workdir} "
             f"--eval_folder {folder} --config.eval.enable_loss=False --config.eval.enable_bpd=False "
             f"--config.eval.enable_sampling=True --config.eval.num_samples=50000 " + " ".join(flags))
@@ -224,10 +230,23 @@ def measured(eval_root: str, checkpoint: str, config_path: str) -> dict:
 
 
 def measure_all(paper: dict, eval_root: str) -> dict:
-    """:func:`measured` for every released checkpoint (empty without ``eval_root``)."""
+    """:func:`measured` for every released checkpoint, and under ``'table1'`` the FID of every Table 1
+    cell evaluated with its command (``{(row, column): measured}``); empty without ``eval_root``."""
     if not eval_root:
         return {}
-    return {ck: measured(eval_root, ck, model["config"]) for ck, model in paper["checkpoints"]["models"].items()}
+    ours = {ck: measured(eval_root, ck, model["config"]) for ck, model in paper["checkpoints"]["models"].items()}
+    ours["table1"] = {}
+    for row, column, _ in iter_cells(paper, "table1"):
+        sde = column.split()[0]
+        workdir = os.path.join(eval_root, TABLE1_CHECKPOINTS[sde] or "ve/cifar10_ddpm")
+        check_workdir_config(workdir, TABLE1_CONFIGS[sde])
+        summary = _read_summary(workdir, table1_folder(row, column))
+        if summary and summary.get("checkpoints"):
+            ckpt = max(summary["checkpoints"], key=int)
+            key = _fid_key(summary["checkpoints"][ckpt])
+            if key:
+                ours["table1"][(row, column)] = {"value": summary["checkpoints"][ckpt][key], "label": key, "ckpt": ckpt}
+    return ours
 
 
 # ---------------------------------------------------------------------------------------------
@@ -258,7 +277,8 @@ def markdown(paper: dict, ours: dict) -> str:
         if cell.get("value") is None:
             continue
         command = table1_command(row, column, t5["cells"][row][column].get("value"))
-        lines.append(f"- {row}, {column}: " + (f"`{command}`" if command else
+        ours_t1 = ours.get("table1", {}).get((row, column))
+        lines.append(f"- {row}, {column}: paper {format_cell(cell)}, ours {_ours(ours_t1)}: " + (f"`{command}`" if command else
                      "not measurable as is: P2000 needs the paper's interpolation between trained noise scales "
                      "(Appendix G), which this port's score function does not do"))
     lines += ["", "The VE model of Table 1 (DDPM architecture, discrete SMLD objective) has no released checkpoint: "

@@ -178,6 +178,8 @@ def test_our_numbers_come_from_eval_summaries(tmp_path):
     _write_summary(run / "eval_pc", {"8": {"FID": 3.1, "IS": 9.2}, "9": {"FID": 2.7, "IS": 9.5}, "12": {"FID": 2.9}})
     _write_summary(run / "eval_bpd", {"9": {"bits/dim (test)": 3.4}, "26": {"bits/dim (test)": 3.17}})
     _write_summary(root / "vp" / "cifar10_ddpm" / "eval_ode", {"5": {"FID (stand-in features)": 40.0}})
+    _write_summary(root / "vp" / "cifar10_ddpm" / paper_results.table1_folder("reverse diffusion", "VP PC1000"),
+                   {"1": {"FID": 3.3}})
     paper = paper_results.load_paper()
     ours = paper_results.measure_all(paper, str(root))
     got = ours["vp/cifar10_ddpmpp_continuous"]
@@ -186,6 +188,7 @@ def test_our_numbers_come_from_eval_summaries(tmp_path):
     text = paper_results.markdown(paper, ours)
     assert "| DDPM++ cont. (VP) | vp/cifar10_ddpmpp_continuous | 2.55 | 2.70 (ckpt 9) | 9.58 | 9.50 (ckpt 9) |" in text
     assert "40.00 (FID (stand-in features)) (ckpt 5)" in text  # never shown as a plain FID
+    assert "- reverse diffusion, VP PC1000: paper 3.18 ± 0.01, ours 3.30 (ckpt 1): `python main.py" in text
 
 
 def test_eval_workdir_of_another_config_is_refused(tmp_path):
