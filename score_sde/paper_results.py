@@ -207,7 +207,8 @@ def measured(eval_root: str, checkpoint: str, config_path: str) -> dict:
     out = {}
     pc = _read_summary(workdir, EVAL_FOLDERS["FID"])
     if pc and pc.get("checkpoints"):
-        scored = [(ck, row) for ck, row in pc["checkpoints"].items() if _fid_key(row) and row[_fid_key(row)] is not None]
+        scored = [(ck, row) for ck, row in pc["checkpoints"].items()
+                  if _fid_key(row) and row[_fid_key(row)] is not None]
         if scored:
             ckpt, row = min(scored, key=lambda kv: kv[1][_fid_key(kv[1])])
             fid_key = _fid_key(row)
@@ -216,7 +217,8 @@ def measured(eval_root: str, checkpoint: str, config_path: str) -> dict:
             is_key = fid_key.replace("FID", "IS")
             if row.get(is_key) is not None:
                 out["IS"] = {"value": row[is_key], "label": is_key, "ckpt": ckpt, "file": file}
-    for column, key_of in (("FID (ODE)", _fid_key), ("NLL", lambda r: "bits/dim (test)" if "bits/dim (test)" in r else None)):
+    nll_key = lambda r: "bits/dim (test)" if "bits/dim (test)" in r else None  # noqa: E731
+    for column, key_of in (("FID (ODE)", _fid_key), ("NLL", nll_key)):
         summary = _read_summary(workdir, EVAL_FOLDERS[column])
         if not summary or not summary.get("checkpoints"):
             continue
@@ -278,7 +280,8 @@ def markdown(paper: dict, ours: dict) -> str:
             continue
         command = table1_command(row, column, t5["cells"][row][column].get("value"))
         ours_t1 = ours.get("table1", {}).get((row, column))
-        lines.append(f"- {row}, {column}: paper {format_cell(cell)}, ours {_ours(ours_t1)}: " + (f"`{command}`" if command else
+        head = f"- {row}, {column}: paper {format_cell(cell)}, ours {_ours(ours_t1)}: "
+        lines.append(head + (f"`{command}`" if command else
                      "not measurable as is: P2000 needs the paper's interpolation between trained noise scales "
                      "(Appendix G), which this port's score function does not do"))
     lines += ["", "The VE model of Table 1 (DDPM architecture, discrete SMLD objective) has no released checkpoint: "

@@ -95,7 +95,8 @@ def check_config(config) -> None:
     """Raise ``ValueError`` naming every bad ``config.tables`` field (before anything is written)."""
     t = config.tables
     problems = [f"config.tables.which: unknown table {w!r}; use some of {TABLES}" for w in t.which if w not in TABLES]
-    problems += [f"config.tables.sdes: unknown SDE {s!r}; use some of {SDE_NAMES}" for s in t.sdes if s not in SDE_NAMES]
+    problems += [f"config.tables.sdes: unknown SDE {s!r}; use some of {SDE_NAMES}"
+                 for s in t.sdes if s not in SDE_NAMES]
     problems += [f"config.tables.predictors: unknown predictor {p!r}; use some of {tuple(PREDICTORS)}"
                  for p in t.predictors if p not in PREDICTORS]
     for name in t.samplers:
@@ -235,6 +236,10 @@ def mean_ci(values, level: float = 0.95) -> tuple[float, float]:
 # ---------------------------------------------------------------------------------------------
 # The cells
 # ---------------------------------------------------------------------------------------------
+# At t = 0 every SDE's marginal is the data distribution; any SDE serves to evaluate log p_0.
+_ANY_SDE = sde_lib.VPSDE()
+
+
 class Truth:
     """Exact reference samples per seed, projection directions and the MMD bandwidth of one dimension."""
 
@@ -244,7 +249,8 @@ class Truth:
         n = config.tables.num_samples
         self.sample_keys = [jax.random.fold_in(base, 2 * s) for s in range(config.tables.seeds)]
         self.references = [self.dist.sample(jax.random.fold_in(base, 2 * s + 1), n) for s in range(config.tables.seeds)]
-        self.directions = random_directions(jax.random.fold_in(base, 2 * config.tables.seeds), config.tables.projections, dim)
+        direction_key = jax.random.fold_in(base, 2 * config.tables.seeds)
+        self.directions = random_directions(direction_key, config.tables.projections, dim)
         self.bandwidth = median_bandwidth(np.asarray(self.references[0]))
         self.mmd_points = config.tables.mmd_points
         zero = jnp.zeros(n)
@@ -259,10 +265,6 @@ class Truth:
         return {"sw": float(sliced_wasserstein(samples, ref, self.directions)),
                 "mmd2": float(mmd2(samples[:k], ref[:k], jnp.float32(self.bandwidth))),
                 "dlogp": float(jnp.mean(logp)) - self.ref_logp[seed]}
-
-
-# At t = 0 every SDE's marginal is the data distribution; any SDE serves to evaluate log p_0.
-_ANY_SDE = sde_lib.VPSDE()
 
 
 def _finite(x: jax.Array) -> bool:

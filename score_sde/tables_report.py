@@ -217,7 +217,8 @@ def _claims_section(claim_list: list) -> list[str]:
                 if m == "where":
                     continue
                 d = r["difference"]
-                parts.append(f"{CLAIM_METRICS.get(m, '')} {r['verdict']}" + ("" if d is None else f" ({d[0]:+.4f} ± {d[1]:.4f})"))
+                numbers = "" if d is None else f" ({d[0]:+.4f} ± {d[1]:.4f})"
+                parts.append(f"{CLAIM_METRICS.get(m, '')} {r['verdict']}{numbers}")
             lines.append(f"  - {inst['where']}: " + "; ".join(p.strip() for p in parts))
     return lines + [""]
 
