@@ -82,9 +82,12 @@ State = collections.namedtuple("State", "params_ema model_state")
 
 @pytest.mark.parametrize("name, dsm, offset, rtol", [
     ("vpsde", True, True, 1e-4),
-    # sub-VP: score_flow's first-order branches for std(t) and the importance CDF (|log α|, B <= 1e-3,
-    # t below ~0.01) are off by up to 1e-3 relative there; ours are exact (tests/golden/README.md).
-    ("subvpsde", False, False, 3e-4),
+    ("subvpsde", False, False, 1e-4),
+    # sub-VP's std(1e-5) is ~1e-6: score_flow's DSM target -(x_t - mean) / std² and offset x - q_mean
+    # cancel in float32 (x_t - mean keeps ~6% of its digits there); ours use z itself. 1.0e-4 measured,
+    # and 1e-6 against score_flow with those two lines written without the cancellation
+    # (tests/golden/README.md).
+    ("subvpsde", True, True, 3e-4),
 ])
 def test_bound_matches_score_flow(name, dsm, offset, rtol, golden_dir):
     npz = np.load(golden_dir / "score_flow_likelihood.npz")

@@ -115,25 +115,46 @@ def _toy_model():
     return model, params
 
 
+def _toy_expected_std2_loss(name, params, data, t):
+    """E_z[½ Σ (std·s + z)²] of the toy network at times t (float64, closed form): with
+    s·std = -c(t) x_t - bias and x_t = α x0 + std z, each coordinate is -(c α x0 + bias) + (1 - c std) z."""
+    t = np.asarray(t, np.float64)
+    dense = params["Dense_0"]
+    pre = np.log1p(999 * t) * float(dense["kernel"][0, 0]) + float(dense["bias"][0])
+    c = 0.8 / (1 + np.exp(-pre))
+    integrated = 0.1 * t + 0.5 * 19.9 * t ** 2
+    alpha = np.exp(-integrated / 2)
+    std = np.sqrt(-np.expm1(-integrated)) if name == "vpsde" else -np.expm1(-integrated)
+    x0 = np.asarray(data, np.float64).reshape(data.shape[0], -1)
+    bias = float(params["bias"][0])
+    mean_sq = (c[:, None, None] * alpha[:, None, None] * x0[None] + bias) ** 2 + (1 - c * std)[:, None, None] ** 2
+    return 0.5 * mean_sq.sum(-1).mean(-1)  # half-sum over dimensions, mean over the batch
+
+
 @pytest.mark.parametrize("name", IW_SDES)
 def test_importance_weighted_loss_estimates_the_likelihood_weighted_one(name):
     sde = make_sde(name)
     model, params = _toy_model()
-    batch = {"image": 0.3 + 0.5 * jax.random.normal(jax.random.PRNGKey(5), SHAPE)}
+    data = 0.3 + 0.5 * jax.random.normal(jax.random.PRNGKey(5), SHAPE)
     draws = 4000
     keys = jax.random.split(jax.random.PRNGKey(7), draws)
 
     def draw(importance_weighting):
         loss_fn = losses.get_sde_loss_fn(sde, model, train=False, reduce_mean=False, likelihood_weighting=True,
                                          eps=EPS, importance_weighting=importance_weighting)
-        return np.asarray(jax.jit(jax.vmap(lambda k: loss_fn(k, params, {}, batch)[0]))(keys), np.float64)
+        return np.asarray(jax.jit(jax.vmap(lambda k: loss_fn(k, params, {}, {"image": data})[0]))(keys), np.float64)
 
+    # The likelihood-weighted loss's expectation, E_{t~U}[w(t) E_z ℓ(t)], by quadrature in log t.
+    expected_lw = integrate.quad(lambda u: _weight64(name, np.exp(u)) * np.exp(u)
+                                 * _toy_expected_std2_loss(name, params, data, [np.exp(u)])[0],
+                                 np.log(EPS), 0.0, epsrel=1e-10, limit=200)[0] / (1 - EPS)
     total = float(sde.likelihood_importance_cum_weight(sde.T, eps=EPS))
     iw = draw(True) * total / (sde.T - EPS)
+    assert abs(iw.mean() - expected_lw) < 4 * iw.std() / np.sqrt(draws), (iw.mean(), expected_lw)
+    assert iw.std() / np.sqrt(draws) < 0.01 * expected_lw  # a test with teeth
+    # The point of the importance sampling: a far smaller variance than uniform times (ratio in the report).
     lw = draw(False)
-    se = np.sqrt(iw.var() / draws + lw.var() / draws)
-    assert abs(iw.mean() - lw.mean()) < 4 * se, (iw.mean(), lw.mean(), se)
-    # The point of the importance sampling: a far smaller variance (ratio in the report).
+    assert abs(lw.mean() - expected_lw) < 4 * lw.std() / np.sqrt(draws), (lw.mean(), expected_lw)
     assert iw.var() < 0.5 * lw.var(), (iw.var(), lw.var())
 
 
@@ -141,20 +162,38 @@ def test_importance_weighted_loss_formula():
     """The loss draws t from the sampler with the key score_flow uses and returns mean ‖s·std + z‖²."""
     sde = make_sde("subvpsde")
     model, params = _toy_model()
-    data = 0.5 * jax.random.normal(jax.random.PRNGKey(5), SHAPE)
+    # 64 examples: several times fall below 1e-4, where std must be the cancellation-free one.
+    data = 0.5 * jax.random.normal(jax.random.PRNGKey(5), (64,) + SHAPE[1:])
     rng = jax.random.PRNGKey(1)
     loss = losses.get_sde_loss_fn(sde, model, train=False, reduce_mean=True, likelihood_weighting=True,
                                   eps=EPS, importance_weighting=True)(rng, params, {}, {"image": data})[0]
     rng, t_rng = jax.random.split(rng)
     rng, z_rng = jax.random.split(rng)
-    t = sde.sample_importance_weighted_time_for_likelihood(t_rng, (SHAPE[0],), eps=EPS)
-    z = jax.random.normal(z_rng, SHAPE)
+    t = sde.sample_importance_weighted_time_for_likelihood(t_rng, (64,), eps=EPS)
+    assert np.sum(np.asarray(t) < 1e-4) >= 3
+    z = jax.random.normal(z_rng, data.shape)
     lmc = np.asarray(sde.log_mean_coeff(t), np.float64)
     std = -np.expm1(2 * lmc)  # sub-VP
     x_t = np.exp(lmc)[:, None, None, None] * np.asarray(data) + std[:, None, None, None] * np.asarray(z)
     out = np.asarray(model.apply({"params": params}, jnp.asarray(x_t, jnp.float32), t * 999), np.float64)
     expected = np.mean((-out + np.asarray(z)) ** 2)  # s · std = -model output
     np.testing.assert_allclose(float(loss), expected, rtol=2e-5)
+
+
+@pytest.mark.parametrize("name", IW_SDES)
+def test_scores_and_marginals_are_exact_at_small_times(name):
+    """Importance-sampled times cluster near eps: std(t) there must not lose digits to 1 - exp."""
+    sde = make_sde(name)
+    t = np.array([1e-5, 3e-5, 1e-4, 1e-3, 0.5])
+    integrated = 0.1 * t + 0.5 * 19.9 * t ** 2
+    exact = np.sqrt(-np.expm1(-integrated)) if name == "vpsde" else -np.expm1(-integrated)
+    std = sde.marginal_prob_high_precision(jnp.zeros((5, 1)), jnp.asarray(t, jnp.float32))[1]
+    np.testing.assert_allclose(std, exact, rtol=1e-6)
+    model, params = _toy_model()
+    x = jnp.ones((5,) + SHAPE[1:])
+    score = mutils.get_score_fn(sde, model, params, {}, train=False, continuous=True)(x, jnp.asarray(t, jnp.float32))
+    out = np.asarray(model.apply({"params": params}, x, jnp.asarray(t, jnp.float32) * 999), np.float64)
+    np.testing.assert_allclose(score, -out / exact[:, None, None, None], rtol=1e-5)
 
 
 @pytest.mark.parametrize("kwargs, words", [
