@@ -223,12 +223,13 @@ def test_unsupported_importance_weighting_is_refused(kwargs, words):
 
 @pytest.fixture(scope="module")
 def flow_golden(golden_dir):
-    return np.load(golden_dir / "score_flow_likelihood.npz"), json.loads((golden_dir / "score_flow_likelihood.json").read_text())
+    meta = json.loads((golden_dir / "score_flow_likelihood.json").read_text())
+    return np.load(golden_dir / "score_flow_likelihood.npz"), meta
 
 
 @pytest.mark.parametrize("name", IW_SDES)
 def test_cum_weight_and_times_match_score_flow(name, flow_golden):
-    npz, _ = flow_golden
+    npz, meta = flow_golden
     sde = make_sde(name)
     t = npz["t_grid"]
     ours = np.asarray(sde.likelihood_importance_cum_weight(jnp.asarray(t), eps=EPS))
@@ -236,6 +237,7 @@ def test_cum_weight_and_times_match_score_flow(name, flow_golden):
     assert np.all(np.abs(ours - golden) <= 1e-5 * np.abs(golden).max() + _original_taylor_error(t)), ours - golden
     # Times: compared through our CDF (a CDF error of δ moves t by δ / density).
     total = float(sde.likelihood_importance_cum_weight(sde.T, eps=EPS))
+    assert abs(total - meta[f"{name}/Z"]) <= 1e-5 * total
     for times, u in ((npz[f"{name}/time_at_quantile"], npz["u_grid"] * total),
                      (npz[f"{name}/time_key0"], jax.random.uniform(jax.random.PRNGKey(0), (8,), maxval=total))):
         at = np.asarray(sde.likelihood_importance_cum_weight(jnp.asarray(times), eps=EPS))
