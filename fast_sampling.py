@@ -415,8 +415,15 @@ def _check_option(name: str, value) -> None:
         "time_schedule": lambda v: v not in TIME_SCHEDULES,
     }.get(name, lambda v: False)
     if bad(value):
-        hint = {"steps": "an integer >= 1", "order": "1, 2 or 3", "time_schedule": f"one of {list(TIME_SCHEDULES)}"}
+        hint = {"steps": "an integer >= 1", "order": "1, 2 or 3", "time_schedule": f"one of {list(TIME_SCHEDULES)}",
+                "eta": "a number >= 0", "churn": "a number >= 0"}
         raise ValueError(f"config.sampling.{name}={value!r} is invalid; use {hint.get(name, 'a positive number')}.")
+
+
+def _option_names(fn: Callable) -> list[str]:
+    """The keyword options of a registered sampler (all keyword-only parameters but ``eps``)."""
+    return [p.name for p in inspect.signature(fn).parameters.values()
+            if p.kind is inspect.Parameter.KEYWORD_ONLY and p.name != "eps"]
 
 
 def sampler_options(name: str, sampling_config) -> dict:
@@ -427,15 +434,14 @@ def sampler_options(name: str, sampling_config) -> dict:
     before any tracing.
     """
     fn = fast_sampler_fn(name)
+    defaults = inspect.signature(fn).parameters
     options = {}
-    for param in inspect.signature(fn).parameters.values():
-        if param.kind is not inspect.Parameter.KEYWORD_ONLY or param.name == "eps":
-            continue
-        value = sampling_config.get(param.name, None)
+    for option in _option_names(fn):
+        value = sampling_config.get(option, None)
         if value is None or value == "":
-            value = param.default
-        _check_option(param.name, value)
-        options[param.name] = value
+            value = defaults[option].default
+        _check_option(option, value)
+        options[option] = value
     return options
 
 
@@ -459,9 +465,13 @@ def get_score_fast_sampler(name: str, sde: sde_lib.SDE, score_fn: ScoreFn, shape
         ``sampler(rng, z=None) -> (samples, nfe)``: ``z`` an optional latent at ``T`` of ``shape``
         (else drawn from the prior); samples of ``shape``; ``nfe`` an int.
     """
-    fn = _SAMPLERS.get(name)
+    fn = fast_sampler_fn(name)
+    unknown = sorted(set(options) - set(_option_names(fn)))
+    if unknown:
+        raise ValueError(f"The fast sampler {name!r} has no options {unknown}; it takes {_option_names(fn)}.")
     for key, value in options.items():
         _check_option(key, value)
+    NoiseSchedule(sde)  # unsupported SDE: fail before tracing
     fn = functools.partial(fn, score_fn=score_fn, sde=sde, eps=eps, **options)
 
     @jax.jit
@@ -499,7 +509,7 @@ def get_fast_sampler(config, sde: sde_lib.SDE, model, shape, inverse_scaler: Cal
         ``nfe`` (int) the score evaluations made (largest over devices).
     """
     name = config.sampling.method.lower()
-    fn = _SAMPLERS.get(name)
+    fn = fast_sampler_fn(name)
     options = sampler_options(name, config.sampling)
     NoiseSchedule(sde)  # unsupported SDE: fail before tracing
 

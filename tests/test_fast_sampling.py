@@ -243,3 +243,9 @@ def test_model_level_sampler_equals_the_score_level_one(sde_name):
                                                           lambda x: x * 2.0, EPS[sde_name], steps=5, eta=1.0)(keys[0])
     assert x.shape == (n_dev,) + shape and nfe == want_nfe == 5
     assert_close_scaled(x[0], want, rtol=1e-5)
+
+
+def test_score_level_factory_rejects_options_the_sampler_does_not_take():
+    sde = make_sde("vpsde")
+    with pytest.raises(ValueError, match="no options \\['order'\\]"):
+        fast_sampling.get_score_fast_sampler("ddim", sde, _GAUSS.score_fn(sde), (2, 2, 2, 1), order=2)
