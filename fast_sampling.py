@@ -203,7 +203,8 @@ def heun(rng, score_fn: ScoreFn, sde: sde_lib.SDE, x, *, eps: float = 1e-3, step
     Integrates ``dx̂/dσ̂ = ε`` in the scaled variable ``x̂ = x/α`` and noise level ``σ̂ = σ/α`` over the
     ``'edm'`` (ρ = 7) schedule by default. Every step, including the last (which ends at ``eps``,
     ``σ̂ > 0``), is a Heun step. With ``churn > 0`` (``S_churn``), each step first raises the noise
-    level to ``σ̂ (1 + γ)``, ``γ = min(churn/steps, √2 - 1)``, adding the matching fresh noise.
+    level to ``σ̂ (1 + γ)``, ``γ = min(churn/steps, √2 - 1)``, adding the matching fresh noise (as in
+    EDM, also on the first step: the score is then evaluated slightly beyond ``T``).
 
     Returns ``(x, nfe)`` with ``nfe = 2 steps (+1 if denoise_to_zero)``.
     """
