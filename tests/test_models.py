@@ -43,6 +43,8 @@ def all_config_names() -> list[str]:
         rel = path.relative_to(CONFIG_ROOT).with_suffix("")
         if path.name == "__init__.py" or path.name.startswith("default_") or len(rel.parts) < 2:
             continue  # packages and the shared default_*_configs.py (at the top and in subfolders)
+        if rel.parts[0] == "tables":
+            continue  # --mode tables runs on toy mixtures: config.model holds the SDE, not a network
         names.append("/".join(rel.parts))
     return names
 
