@@ -37,7 +37,7 @@ import losses
 import sampling
 import sde_lib
 from models import utils as mutils
-from score_sde import checkpoints, config_checks, datasets, eval_records, inception, metrics, parallel, reporting
+from score_sde import checkpoints, config_checks, datasets, eval_records, inception, metrics, ode, parallel, reporting
 
 
 class TrainingDivergedError(FloatingPointError):
@@ -677,10 +677,10 @@ def _build_job(config, eval_dir: str, checkpoint_dir: str, model_rng: jax.Array,
         job.p_eval_step = make_train_and_eval_steps(config, sde, score_model)[1]
         job.loss_images = _images_for_batches(config, "test", global_batch)
     if config.eval.enable_bpd:
-        # The ODE solver and tolerances of config.sampling (new fields; the original's values by default).
+        # The ODE solver and tolerances of config.sampling, as the samplers use them (ode.DEFAULT_SOLVER).
         job.likelihood_fn = likelihood.get_likelihood_fn(
             sde, score_model, inverse_scaler, rtol=config.sampling.get("ode_rtol", 1e-5),
-            atol=config.sampling.get("ode_atol", 1e-5), solver=config.sampling.get("ode_solver", "scipy"))
+            atol=config.sampling.get("ode_atol", 1e-5), solver=config.sampling.get("ode_solver", ode.DEFAULT_SOLVER))
         job.bpd_images = _images_for_batches(config, job.bpd_dataset, global_batch)
         job.bpd_batches_per_repeat = len(job.bpd_images) // global_batch
         # The test split is gone over 5 times with fresh dequantisation noise, as the original.
