@@ -25,6 +25,7 @@ from typing import Callable, Optional, Tuple, Type
 import jax
 import jax.numpy as jnp
 
+import fast_sampling
 import sde_lib
 from models import utils as mutils
 from score_sde import ode, parallel, registry
@@ -600,7 +601,7 @@ def get_ode_sampler(sde, model, shape, inverse_scaler, denoise=False, rtol=1e-5,
 
 
 def get_sampling_fn(config, sde, model, shape, inverse_scaler, eps):
-    """The sampler named by ``config.sampling.method`` ('pc' or 'ode') for a model.
+    """The sampler named by ``config.sampling.method`` ('pc', 'ode' or a fast sampler) for a model.
 
     Args:
         config: ``ml_collections.ConfigDict``; reads ``sampling.{method, predictor, corrector, snr,
@@ -613,7 +614,9 @@ def get_sampling_fn(config, sde, model, shape, inverse_scaler, eps):
         eps: end time of the reverse integration.
 
     Returns:
-        ``sampling_fn(rng, pstate) -> (samples, nfe)``, see :func:`get_pc_sampler` / :func:`get_ode_sampler`.
+        ``sampling_fn(rng, pstate) -> (samples, nfe)``, see :func:`get_pc_sampler` / :func:`get_ode_sampler`
+        and, for 'ddim', 'heun', 'dpm_solver', 'dpm_solver_pp' and 'adaptive_sde' (options
+        ``sampling.steps``, ``order``, ``eta``, ...), ``fast_sampling.get_fast_sampler``.
     """
     sampler_name = config.sampling.method.lower()
     if sampler_name == "ode":
@@ -628,4 +631,12 @@ def get_sampling_fn(config, sde, model, shape, inverse_scaler, eps):
                               inverse_scaler=inverse_scaler, snr=config.sampling.snr,
                               n_steps=config.sampling.n_steps_each, probability_flow=config.sampling.probability_flow,
                               continuous=config.training.continuous, denoise=config.sampling.noise_removal, eps=eps)
-    raise ValueError(f"config.sampling.method={config.sampling.method!r} is unknown; use 'pc' or 'ode'.")
+    if sampler_name in fast_sampling.registered_fast_samplers():
+        return fast_sampling.get_fast_sampler(config, sde, model, shape, inverse_scaler, eps)
+    raise ValueError(f"config.sampling.method={config.sampling.method!r} is unknown; use one of "
+                     f"{', '.join(sampling_methods())}.")
+
+
+def sampling_methods() -> list[str]:
+    """Every name ``config.sampling.method`` accepts: 'pc', 'ode' and the fast samplers of ``fast_sampling``."""
+    return ["pc", "ode"] + fast_sampling.registered_fast_samplers()

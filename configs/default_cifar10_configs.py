@@ -4,6 +4,8 @@ A specific config calls :func:`get_default_configs` and overrides what differs.
 """
 import ml_collections
 
+from configs.default_sampler_options import add_fast_sampler_options
+
 
 def get_default_configs() -> ml_collections.ConfigDict:
     """The CIFAR-10 defaults: training, sampling, eval, data, model and optim sections, plus the seed."""
@@ -39,6 +41,7 @@ def get_default_configs() -> ml_collections.ConfigDict:
     # New: relative / absolute tolerances of that ODE solver (the original's values).
     sampling.ode_rtol = 1e-5
     sampling.ode_atol = 1e-5
+    add_fast_sampler_options(sampling)  # new: the fast samplers' options, unset
 
     # evaluation
     config.eval = evaluate = ml_collections.ConfigDict()

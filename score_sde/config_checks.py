@@ -59,6 +59,12 @@ def _predictors() -> Sequence[str]:
     return sampling.registered_predictors()
 
 
+def _sampling_methods() -> Sequence[str]:
+    import sampling
+
+    return sampling.sampling_methods()
+
+
 def _correctors() -> Sequence[str]:
     import sampling
 
@@ -79,7 +85,7 @@ _CHOICES: tuple[_Choice, ...] = (
     # sde_lib.get_sde compares case-insensitively; so does the sampler choice in sampling.get_sampling_fn.
     _Choice('training.sde', _sdes, fold=str.lower),
     _Choice('model.name', _models),
-    _Choice('sampling.method', lambda: ('pc', 'ode'), fold=str.lower),
+    _Choice('sampling.method', _sampling_methods, fold=str.lower),
     _Choice('sampling.predictor', _predictors),
     _Choice('sampling.corrector', _correctors),
     _Choice('sampling.ode_solver', lambda: ('jax', 'scipy'), required=False),

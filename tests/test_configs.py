@@ -179,7 +179,9 @@ ORIGINAL = {path: {field: _decode(value) for field, value in fields.items()}
 
 # Deliberate differences from the original files (each documented in the file itself). Nothing else may differ.
 NEW_FIELDS = {'sampling.ode_solver', 'sampling.ode_rtol', 'sampling.ode_atol', 'data.data_dir', 'eval.inception_path',
-              'eval.stats_dir', 'eval.wait_for_checkpoints_s'}
+              'eval.stats_dir', 'eval.wait_for_checkpoints_s'} | {
+    f'sampling.{option}' for option in ('steps', 'order', 'eta', 'churn', 'rho', 'time_schedule', 'lower_order_final',
+                                        'adaptive_rtol', 'adaptive_atol', 'denoise_to_zero')}
 STANDALONE_ADDED = NEW_FIELDS | {'training.n_jitted_steps', 'eval.enable_sampling', 'eval.enable_loss',
                                  'eval.enable_bpd', 'eval.bpd_dataset', 'model.beta_min', 'model.beta_max'}
 ADDED = {'ve/celebahq_ncsnpp_continuous.py': STANDALONE_ADDED, 've/ffhq_ncsnpp_continuous.py': STANDALONE_ADDED,
@@ -232,7 +234,7 @@ BAD_CASES = [  # (field, bad value, mode, words the message must contain)
     ('model.name', 'unet9000', 'train', []),
     ('sampling.predictor', 'leapfrog', 'train', ['euler_maruyama']),
     ('sampling.corrector', 'metropolis', 'train', ['langevin']),
-    ('sampling.method', 'ddim', 'train', ["'pc'", "'ode'"]),
+    ('sampling.method', 'ddpm_magic', 'train', ["'pc'", "'ode'", "'ddim'", "'dpm_solver_pp'"]),
     ('sampling.ode_solver', 'torchdiffeq', 'train', ["'jax'", "'scipy'"]),
     ('data.dataset', 'imagenet', 'train', ['CIFAR10', 'FASHION_MNIST']),
     ('data.image_size', 36, 'train', ['multiple of 8']),

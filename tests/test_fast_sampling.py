@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 import fast_sampling
+import sampling
 import sde_lib
 from score_sde import parallel, toy
 from models import utils as mutils
@@ -249,3 +250,22 @@ def test_score_level_factory_rejects_options_the_sampler_does_not_take():
     sde = make_sde("vpsde")
     with pytest.raises(ValueError, match="no options \\['order'\\]"):
         fast_sampling.get_score_fast_sampler("ddim", sde, _GAUSS.score_fn(sde), (2, 2, 2, 1), order=2)
+
+
+def test_get_sampling_fn_dispatches_the_fast_samplers_by_config_sampling_method():
+    """``config.sampling.method='dpm_solver_pp'`` through sampling.get_sampling_fn draws what get_fast_sampler draws."""
+    sde = make_sde("vpsde")
+    config = _config(method="DPM_Solver_PP", steps=4)
+    shape = (2, 2, 2, 1)
+    model = _ExactGaussianModel("vpsde")
+    state = mutils.State(step=0, params={}, opt_state={}, lr=0.0, model_state={}, ema_rate=0.999, params_ema={},
+                         rng=jax.random.PRNGKey(0))
+    keys = jax.random.split(jax.random.PRNGKey(3), parallel.local_device_count())
+    x, nfe = sampling.get_sampling_fn(config, sde, model, shape, lambda x: x, EPS["vpsde"])(
+        keys, parallel.replicate(state))
+    want, want_nfe = fast_sampling.get_score_fast_sampler("dpm_solver_pp", sde, _GAUSS.score_fn(sde), shape,
+                                                          lambda x: x, EPS["vpsde"], steps=4)(keys[0])
+    assert nfe == want_nfe == 4
+    assert_close_scaled(x[0], want, rtol=1e-5)  # float32: the pmapped program fuses differently
+    with pytest.raises(ValueError, match="pc, ode, .*dpm_solver_pp"):
+        sampling.get_sampling_fn(_config(method="ddpm_magic"), sde, model, shape, lambda x: x, EPS["vpsde"])

@@ -7,6 +7,8 @@ fields of ``configs/default_*_configs.py`` (ode_solver, ode_rtol, ode_atol, data
 """
 import ml_collections
 
+from configs.default_sampler_options import add_fast_sampler_options
+
 
 def get_config():
     """Return this file's ConfigDict (see the module docstring)."""
@@ -39,6 +41,7 @@ def get_config():
     sampling.ode_solver = 'jax'  # added: 'jax' | 'scipy', see configs/default_cifar10_configs.py
     sampling.ode_rtol = 1e-5  # added
     sampling.ode_atol = 1e-5  # added
+    add_fast_sampler_options(sampling)  # new: the fast samplers' options, unset
 
     # eval
     config.eval = evaluate = ml_collections.ConfigDict()
