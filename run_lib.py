@@ -173,8 +173,11 @@ def make_train_and_eval_steps(config, sde: sde_lib.SDE, model) -> tuple[Callable
     ``losses`` is ``(local_devices, n)``. The input state is donated (do not reuse it).
     ``p_eval_step`` has the same signature, scores ``params_ema`` and changes nothing.
     """
+    # importance_weighting / smallest_time: score_flow's fields (configs/score_flow); absent from the original's.
     kwargs = dict(reduce_mean=config.training.reduce_mean, continuous=config.training.continuous,
-                  likelihood_weighting=config.training.likelihood_weighting)
+                  likelihood_weighting=config.training.likelihood_weighting,
+                  importance_weighting=config.training.get("importance_weighting", False),
+                  smallest_time=config.training.get("smallest_time", 1e-5))
     train_step = losses.get_step_fn(sde, model, train=True, optimize_fn=losses.optimization_manager(config), **kwargs)
     eval_step = losses.get_step_fn(sde, model, train=False, **kwargs)
     p_train_step = parallel.pmap(fuse_steps(train_step), donate_argnums=(0,))

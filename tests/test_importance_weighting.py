@@ -300,3 +300,19 @@ def test_score_flow_configs_match_the_original(relpath, golden_dir):
             continue
         assert field in ours, field
         assert ours[field] == value and type(ours[field]) is type(value), (field, ours[field], value)
+
+
+def test_training_job_passes_the_score_flow_loss_fields(monkeypatch):
+    """run_lib's train and eval steps are built with the config's importance weighting and smallest time."""
+    import run_lib
+    from configs.score_flow.subvp import cifar10_ddpmpp_continuous as score_flow_subvp
+
+    config = score_flow_subvp.get_config()
+    config.training.likelihood_weighting = config.training.importance_weighting = True
+    seen = []
+    monkeypatch.setattr(losses, "get_step_fn", lambda *args, **kwargs: seen.append(kwargs) or (lambda c, b: (c, 0.0)))
+    run_lib.make_train_and_eval_steps(config, make_sde("subvpsde"), model=None)
+    assert [kw["train"] for kw in seen] == [True, False]
+    for kwargs in seen:
+        assert kwargs["importance_weighting"] is True and kwargs["likelihood_weighting"] is True
+        assert kwargs["smallest_time"] == config.training.smallest_time != 1e-5
