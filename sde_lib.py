@@ -331,11 +331,14 @@ _SDES = {"vpsde": VPSDE, "subvpsde": subVPSDE, "vesde": VESDE}
 def get_sde(config) -> Tuple[SDE, float]:
     """Build the SDE named by ``config.training.sde`` and its sampling epsilon.
 
-    Returns ``(sde, sampling_eps)``: 1e-3 for VP/sub-VP and 1e-5 for VE, as the original.
+    Returns ``(sde, sampling_eps)``: ``sampling_eps`` is ``config.sampling.smallest_time`` where the
+    config has it (score_flow's configs), else 1e-3 for VP/sub-VP and 1e-5 for VE, as the original.
     """
     name = config.training.sde.lower()
     if name not in _SDES:
         raise ValueError(f"config.training.sde={config.training.sde!r} is unknown; use one of {sorted(_SDES)}.")
     if name == "vesde":
-        return VESDE(config.model.sigma_min, config.model.sigma_max, config.model.num_scales), 1e-5
-    return _SDES[name](config.model.beta_min, config.model.beta_max, config.model.num_scales), 1e-3
+        sde, default_eps = VESDE(config.model.sigma_min, config.model.sigma_max, config.model.num_scales), 1e-5
+    else:
+        sde, default_eps = _SDES[name](config.model.beta_min, config.model.beta_max, config.model.num_scales), 1e-3
+    return sde, config.sampling.get("smallest_time", default_eps)

@@ -142,3 +142,15 @@ def test_get_sde_rejects_unknown_name():
     config = ml_collections.ConfigDict({"training": {"sde": "bogus"}})
     with pytest.raises(ValueError, match="training.sde"):
         sde_lib.get_sde(config)
+
+
+def test_get_sde_sampling_eps_from_score_flow_configs():
+    """The original's 1e-3 (VP, sub-VP) / 1e-5 (VE), unless the config sets sampling.smallest_time (score_flow)."""
+    from configs.score_flow.subvp import cifar10_ddpmpp_continuous as score_flow_subvp
+    from configs.ve import cifar10_ncsnpp_continuous
+    from configs.vp import cifar10_ddpmpp_continuous
+
+    assert sde_lib.get_sde(cifar10_ddpmpp_continuous.get_config())[1] == 1e-3
+    assert sde_lib.get_sde(cifar10_ncsnpp_continuous.get_config())[1] == 1e-5
+    sde, eps = sde_lib.get_sde(score_flow_subvp.get_config())
+    assert isinstance(sde, sde_lib.subVPSDE) and eps == 0.01
