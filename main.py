@@ -31,6 +31,9 @@ flags.DEFINE_string("eval_folder", "eval", "Folder (inside workdir) for evaluati
 flags.DEFINE_string("coordinator_address", None, "Multi-host: address host:port of process 0's coordinator.")
 flags.DEFINE_integer("num_processes", None, "Multi-host: number of processes.")
 flags.DEFINE_integer("process_id", None, "Multi-host: index of this process, 0..num_processes-1.")
+flags.DEFINE_string("jax_cache_dir", None, "JAX's persistent compilation cache (compiled programs reused by later "
+                    "runs): a folder, or 'none' to turn it off. Default: $JAX_COMPILATION_CACHE_DIR, else "
+                    "~/.cache/score_sde/jax; off for multi-process CPU runs unless given (score_sde/compile_cache.py).")
 
 # mode -> (the run_lib function, the config_checks mode that validates its config)
 MODES = {
@@ -102,6 +105,13 @@ def main(argv) -> None:
     from score_sde import parallel
 
     parallel.maybe_initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+
+    from score_sde import compile_cache
+
+    try:
+        compile_cache.configure(FLAGS.jax_cache_dir)
+    except OSError as err:
+        _fail(f"cannot use {err.filename}: {err.strerror}")
 
     from score_sde import config_checks
 

@@ -1,0 +1,81 @@
+"""Seconds from ``python main.py --mode train`` to its first training step: cold cache, warm cache, after kill -9.
+
+Runs the README's digits job (``configs/vp/digits.py``) three times, each until the first logged
+training step (``log_freq = n_jitted_steps``, a meta checkpoint after that step), then kills it
+with SIGKILL:
+
+1. ``cold``: an empty compilation cache folder, a new workdir;
+2. ``warm``: the same cache folder, another new workdir (the programs come from the cache);
+3. ``resume``: the same cache, the workdir of run 2 again (resumes from its meta checkpoint);
+4. ``resume, no cache``: the same workdir with ``--jax_cache_dir=none``.
+
+    python benchmarks/startup.py [--config configs/vp/digits.py] [--timeout 900] [-- extra main.py flags]
+
+The figures include Python, TensorFlow and JAX imports, data loading and model initialisation,
+which the cache does not change; the difference between rows is compilation.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FIRST_STEP_MARK = "training_loss"
+
+
+def seconds_to_first_step(config: str, workdir: str, cache_dir: str, extra: list[str], timeout: float) -> float:
+    """Start main.py, wait for the first logged training step in ``workdir/stdout.txt``, kill -9; seconds elapsed."""
+    log = os.path.join(workdir, "stdout.txt")
+    start_size = os.path.getsize(log) if os.path.exists(log) else 0
+    env = dict(os.environ)
+    env.pop("JAX_COMPILATION_CACHE_DIR", None)
+    cmd = [sys.executable, "main.py", "--config", config, "--workdir", workdir, "--mode", "train",
+           f"--jax_cache_dir={cache_dir}", "--config.training.log_freq=5",
+           "--config.training.snapshot_freq_for_preemption=5", *extra]
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        while time.perf_counter() - start < timeout:
+            if proc.poll() is not None:
+                raise RuntimeError(f"main.py exited with {proc.returncode}: {proc.stderr.read()[-2000:]}")
+            if os.path.exists(log):
+                with open(log) as f:
+                    f.seek(start_size)
+                    if FIRST_STEP_MARK in f.read():
+                        return time.perf_counter() - start
+            time.sleep(0.2)
+        raise TimeoutError(f"no training step logged within {timeout} s: {' '.join(cmd)}")
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+        proc.wait()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default="configs/vp/digits.py")
+    parser.add_argument("--timeout", type=float, default=900.0)
+    args, extra = parser.parse_known_args()
+    extra = [a for a in extra if a != "--"]
+    with tempfile.TemporaryDirectory() as tmp:
+        cache = os.path.join(tmp, "cache")
+        rows = [("cold cache", os.path.join(tmp, "w1"), cache),
+                ("warm cache", os.path.join(tmp, "w2"), cache),
+                ("resume after kill -9, warm cache", os.path.join(tmp, "w2"), cache),
+                ("resume after kill -9, no cache", os.path.join(tmp, "w2"), "none")]
+        print(f"{args.config} {' '.join(extra)}: seconds from launch to the first training step", flush=True)
+        times = {}
+        for name, workdir, cache_dir in rows:
+            times[name] = seconds_to_first_step(args.config, workdir, cache_dir, extra, args.timeout)
+            print(f"  {name:34s} {times[name]:7.1f} s", flush=True)
+        print(f"  warm / cold: {times['warm cache'] / times['cold cache']:.2f}; resume warm / resume without cache: "
+              f"{times['resume after kill -9, warm cache'] / times['resume after kill -9, no cache']:.2f}")
+
+
+if __name__ == "__main__":
+    main()
