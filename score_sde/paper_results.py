@@ -20,6 +20,10 @@ import json
 import os
 from typing import Iterator
 
+
+class TablesError(ValueError):
+    """A tables job cannot run as configured (bad config, data file or workdir); nothing was written."""
+
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PAPER_FILE = os.path.join(REPO_ROOT, "configs", "tables", "paper.json")
 TABLE_NAMES = ("table1", "table5", "table2", "table3", "checkpoints")
@@ -69,7 +73,7 @@ def check_paper(paper: dict, path: str = PAPER_FILE) -> None:
                 if value is not None and not isinstance(value, (int, float)):
                     problems.append(f"{where}: value {value!r} is not a number")
     if problems:
-        raise ValueError(f"{path} is malformed:\n  " + "\n  ".join(problems))
+        raise TablesError(f"{path} is malformed:\n  " + "\n  ".join(problems))
 
 
 def iter_cells(paper: dict, name: str) -> Iterator[tuple[str, str, dict]]:
@@ -176,9 +180,9 @@ def check_workdir_config(workdir: str, config_path: str) -> None:
         if there != here:
             diffs.append(f"{section}.{field} is {there!r} there, {here!r} in {config_path}")
     if diffs:
-        raise ValueError(f"{path} was written by a different config than {config_path}: " + "; ".join(diffs)
-                         + ". Point config.tables.eval_root at the folder that holds this checkpoint's own run "
-                         "(or move the run); nothing was written.")
+        raise TablesError(f"{path} was written by a different config than {config_path}: " + "; ".join(diffs)
+                          + ". Point config.tables.eval_root at the folder that holds this checkpoint's own run "
+                          "(or move the run); nothing was written.")
 
 
 def _read_summary(workdir: str, folder: str) -> dict | None:

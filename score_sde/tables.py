@@ -47,6 +47,7 @@ import likelihood
 import sampling
 import sde_lib
 from score_sde import paper_results, reporting, toy
+from score_sde.paper_results import TablesError
 
 TABLES = ("sampler", "likelihood", "paper")
 SDE_NAMES = ("vesde", "vpsde", "subvpsde")
@@ -80,13 +81,13 @@ def parse_sampler(name: str) -> Sampler:
     """``'P1000'`` / ``'C2000'`` / ``'PC1000'`` -> :class:`Sampler` (C<n>: n/2 scales × 2 steps, the paper's)."""
     match = re.fullmatch(r"(PC|P|C)(\d+)", name)
     if not match or int(match.group(2)) < 2:
-        raise ValueError(f"config.tables.samplers: {name!r} is not a sampler name; use P<steps>, C<steps> or "
-                         "PC<steps>, e.g. P1000, P2000, C2000, PC1000.")
+        raise TablesError(f"config.tables.samplers: {name!r} is not a sampler name; use P<steps>, C<steps> or "
+                          "PC<steps>, e.g. P1000, P2000, C2000, PC1000.")
     kind, steps = match.group(1), int(match.group(2))
     if kind == "C":
         if steps % 2:
-            raise ValueError(f"config.tables.samplers: {name!r}: corrector-only samplers take 2 steps per noise "
-                             "scale (the paper's C2000), so the step count must be even.")
+            raise TablesError(f"config.tables.samplers: {name!r}: corrector-only samplers take 2 steps per noise "
+                              "scale (the paper's C2000), so the step count must be even.")
         return Sampler(name, steps // 2, False, 2)
     return Sampler(name, steps, True, int(kind == "PC"))
 
@@ -108,7 +109,7 @@ def check_config(config) -> None:
     if t.seeds < 2:
         problems.append(f"config.tables.seeds = {t.seeds}: a confidence interval needs at least 2 seeds")
     if problems:
-        raise ValueError("Invalid tables config:\n  " + "\n  ".join(problems))
+        raise TablesError("Invalid tables config:\n  " + "\n  ".join(problems))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -345,8 +346,8 @@ def _load_store(path: str, fingerprint: dict) -> dict:
     if store.get("fingerprint") != fingerprint:
         diffs = [f"{k}: {store.get('fingerprint', {}).get(k)!r} there, {v!r} now" for k, v in fingerprint.items()
                  if store.get("fingerprint", {}).get(k) != v]
-        raise ValueError(f"{path} holds cells computed with another config ({'; '.join(diffs)}). Use another "
-                         "--workdir, or delete that file to recompute; nothing was overwritten.")
+        raise TablesError(f"{path} holds cells computed with another config ({'; '.join(diffs)}). Use another "
+                          "--workdir, or delete that file to recompute; nothing was overwritten.")
     return store
 
 
