@@ -40,6 +40,7 @@ MODES = {
     "train": ("train", "train"),
     "eval": ("evaluate", "eval"),
     "fid_stats": ("fid_stats", "eval"),
+    "sample": ("sample", "eval"),
 }
 
 

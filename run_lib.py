@@ -949,3 +949,175 @@ def fid_stats(config, workdir: str, feature_extractor=None) -> str:
             json.dump(note, fout, indent=2)
         logging.info("Wrote %s (%d images, %d-d features)", path, len(images), latents["pool_3"].shape[1])
     return path
+
+
+# ----------------------------------------------------------------------------------------------
+# Samples from a checkpoint (--mode sample)
+# ----------------------------------------------------------------------------------------------
+
+class SamplingError(EvaluationError):
+    """``--mode sample`` cannot start: no such checkpoint, a bad ``sampling.num_samples``, an unreadable file."""
+
+
+def _sample_checkpoint(config, checkpoint_dir: str) -> tuple[int, str]:
+    """``(n, path)`` of ``checkpoint_<n>`` to sample from: ``config.sampling.ckpt``, else the highest number.
+
+    Numbers grow with the training step (``checkpoints.number_for_step``), so the highest is the newest.
+    """
+    found = dict(checkpoints.numbered_checkpoints(checkpoint_dir))
+    chosen = config.sampling.get("ckpt", None)
+    if not found:
+        where = "the folder does not exist" if not os.path.isdir(checkpoint_dir) else "it holds no checkpoint_<n>"
+        raise SamplingError(f"No checkpoint to sample from in {checkpoint_dir} ({where}). Check --workdir, or train "
+                            "first with --mode train (a numbered checkpoint is written every training.snapshot_freq "
+                            "steps and at the end).")
+    if chosen is None:
+        number = max(found)
+    elif chosen not in found:
+        raise SamplingError(f"config.sampling.ckpt = {chosen}: {checkpoint_dir} has no checkpoint_{chosen}; it holds "
+                            f"{_number_ranges(sorted(found))}. Leave the field unset for the newest.")
+    else:
+        number = chosen
+    return number, found[number]
+
+
+def _sampler_settings(config) -> dict:
+    """The ``config.sampling`` fields that shape the samples of ``config.sampling.method`` (defaults filled in)."""
+    method = config.sampling.method.lower()
+    if method in sampling.fast_sampling.registered_fast_samplers():
+        return sampling.fast_sampling.sampler_options(method, config.sampling)  # validates: fails before tracing
+    if method == "ode":
+        return {"ode_solver": config.sampling.get("ode_solver", ode.DEFAULT_SOLVER),
+                "ode_rtol": config.sampling.get("ode_rtol", 1e-5), "ode_atol": config.sampling.get("ode_atol", 1e-5),
+                "noise_removal": config.sampling.noise_removal}
+    return {field: config.sampling[field] for field in ("predictor", "corrector", "snr", "n_steps_each",
+                                                         "probability_flow", "noise_removal")}
+
+
+def _sample_folder(workdir: str, method: str, ckpt: int, settings: dict) -> tuple[str, dict | None]:
+    """``(folder, info)``: the finished folder of these ``settings`` (its ``sample_info.json``), or a free name.
+
+    ``samples_<method>_ckpt_<n>``, then ``..._2``, ``..._3``, ... for other settings: a folder once
+    written is never written again.
+    """
+    suffix = "" if parallel.process_index() == 0 else f"_host_{parallel.process_index()}"
+    base = os.path.join(workdir, f"samples_{method}_ckpt_{ckpt}")
+    k = 1
+    while True:
+        folder = (base if k == 1 else f"{base}_{k}") + suffix
+        if not os.path.exists(folder):
+            return folder, None
+        info_path = os.path.join(folder, "sample_info.json")
+        if os.path.exists(info_path):
+            with open(info_path) as f:
+                info = json.load(f)
+            if info.get("settings") == settings:
+                return folder, info
+        k += 1
+
+
+def sample(config, workdir: str) -> dict:
+    """Draw ``config.sampling.num_samples`` samples from a checkpoint of ``workdir`` (``--mode sample``).
+
+    The checkpoint is ``checkpoints/checkpoint_<config.sampling.ckpt>``, or the highest-numbered
+    one (the newest) when the field is unset; ``params_ema`` are sampled with the sampler of
+    ``config.sampling.method`` and its options. ``num_samples`` unset: one batch of
+    ``config.eval.batch_size``; the samples come in batches of that size (one sampler call each,
+    split over the devices), each logged with its score evaluations and the time left.
+
+    Writes ``workdir/samples_<method>_ckpt_<n>/`` (``_2``, ``_3``, ... when a folder of that name holds
+    samples of other settings): ``samples.npz`` (``samples``: ``(num_samples, H, W, C)`` uint8,
+    rounded as the PNGs), ``grid_<b>.png`` (batch ``b``), ``sample_info.json`` (``nfe``: the score
+    evaluations per sample the sampler reported, the largest over batches, and ``nfe_per_batch``;
+    ``sampler_options``, ``ckpt``, ``step``, ``settings``, ...). The folder is filled under a
+    temporary name and renamed when complete, so it never holds a partial result; a rerun with the
+    same settings (seed included: the same samples) finds it and draws nothing. With several
+    processes each writes its own folder (suffix ``_host_<p>``) with the samples it drew.
+
+    Returns:
+        The contents of ``sample_info.json`` plus ``folder``.
+
+    Raises:
+        SamplingError: no checkpoint (before any model is built or compiled), ``sampling.num_samples``
+            < 1, an unreadable checkpoint, or samples that are NaN / infinite.
+    """
+    checkpoint_dir = os.path.join(workdir, "checkpoints")
+    ckpt, ckpt_path = _sample_checkpoint(config, checkpoint_dir)
+    global_batch = config.eval.batch_size
+    num_samples = config.sampling.get("num_samples", None)
+    num_samples = global_batch if num_samples is None else num_samples
+    if num_samples < 1 or global_batch < 1:
+        raise SamplingError(f"config.sampling.num_samples = {num_samples}, config.eval.batch_size = {global_batch}: "
+                            "both must be >= 1.")
+    method = config.sampling.method.lower()
+    try:
+        options = _sampler_settings(config)
+    except ValueError as err:  # a bad sampler option (steps < 1, order not 1-3, ...): before any tracing
+        raise SamplingError(str(err)) from err
+    step = checkpoints.checkpoint_step(ckpt_path)  # None for a file without our footer: read from the state below
+    sde, sampling_eps = sde_lib.get_sde(config)
+    settings = {"method": method, "sampler_options": options, "ckpt": ckpt, "num_samples": int(num_samples),
+                "batch_size": int(global_batch), "seed": int(config.seed), "devices": parallel.device_count(),
+                "sampling_eps": float(sampling_eps)}
+    folder, done = _sample_folder(workdir, method, ckpt, settings)
+    if done is not None:
+        logging.info("%s holds these samples already (same checkpoint, sampler, settings and seed); nothing to do. "
+                     "Change --config.seed for new ones.", folder)
+        return {**done, "folder": folder}
+
+    model, template = eval_state_template(config, jax.random.PRNGKey(config.seed + 1))
+    try:
+        state = checkpoints.restore_checkpoint(ckpt_path, template)
+    except (ValueError, OSError) as err:  # checkpoints.CorruptCheckpointError is a ValueError
+        raise SamplingError(f"Cannot sample from {ckpt_path}: {_one_line(err)}") from err
+    step = int(state.step) if step is None else step
+    shape = (global_batch // parallel.device_count(), config.data.image_size, config.data.image_size,
+             config.data.num_channels)
+    sampling_fn = sampling.get_sampling_fn(config, sde, model, shape, datasets.get_data_inverse_scaler(config),
+                                           sampling_eps)
+    pstate = parallel.replicate(state)
+    del state
+
+    rounds = -(-num_samples // global_batch)
+    logging.info("Sampling %d images from %s (step %d) with %s %s: %d batch(es) of %d, into %s", num_samples,
+                 ckpt_path, step, method, options, rounds, global_batch, folder)
+    rng = parallel.fold_in_process(jax.random.PRNGKey(config.seed))
+    progress = reporting.Progress(0, rounds)
+    batches, nfes = [], []
+    start = time.perf_counter()
+    for r in range(rounds):
+        rng, keys = device_keys(rng)
+        batch, nfe = sampling_fn(keys, pstate)
+        batch = np.asarray(jax.device_get(batch), np.float32).reshape((-1,) + shape[1:])
+        n_bad = int(np.count_nonzero(~np.isfinite(batch)))
+        if n_bad:
+            raise SamplingError(f"batch {r}: {n_bad} of {batch.size} sample values are NaN or infinite; nothing "
+                                f"written to {folder}. The sampler diverged: try other config.sampling settings "
+                                "(more steps, another method) or another checkpoint.")
+        batches.append(batch)
+        nfes.append(int(nfe))
+        progress.update(r + 1)
+        rate = progress.steps_per_second()
+        eta = f" | ETA {reporting.format_duration((rounds - r - 1) / rate)}" if rate > 0 else ""
+        logging.info("sampling batch %d/%d | %d score evaluations per sample%s", r + 1, rounds, nfes[-1], eta)
+    seconds = time.perf_counter() - start
+
+    # Written under a temporary name, then renamed: the folder is complete or absent.
+    tmp_folder = f"{folder}.partial-{os.getpid()}"
+    os.makedirs(tmp_folder, exist_ok=True)
+    for r, batch in enumerate(batches):
+        # Small images are enlarged so that the grid is legible (8×8 digits become 32×32).
+        reporting.save_image(batch, os.path.join(tmp_folder, f"grid_{r}.png"),
+                             nrow=max(int(np.sqrt(len(batch))), 1), upscale=max(1, 32 // shape[1]))
+    all_images = np.clip(np.concatenate(batches) * 255.0 + 0.5, 0, 255).astype(np.uint8)
+    if parallel.process_count() == 1:
+        all_images = all_images[:num_samples]
+    np.savez_compressed(os.path.join(tmp_folder, "samples.npz"), samples=all_images)
+    info = {"method": method, "nfe": max(nfes), "nfe_per_batch": nfes, "sampler_options": options, "ckpt": ckpt,
+            "checkpoint": os.path.relpath(ckpt_path, workdir), "step": step, "num_samples": int(len(all_images)),
+            "shape": list(all_images.shape), "seconds": round(seconds, 3), "settings": settings}
+    with open(os.path.join(tmp_folder, "sample_info.json"), "w") as f:
+        json.dump(info, f, indent=2, sort_keys=True)
+    os.rename(tmp_folder, folder)  # fails rather than replace a folder that another run finished meanwhile
+    logging.info("Wrote %d samples to %s (%d score evaluations per sample).", len(all_images), folder, max(nfes))
+    return {**info, "folder": folder}

@@ -18,6 +18,9 @@ _TYPES = {
     'adaptive_rtol': float,  # adaptive_sde: error tolerances
     'adaptive_atol': float,
     'denoise_to_zero': bool,  # one more score evaluation: the Tweedie denoiser at the last time
+    # --mode sample (run_lib.sample), any method: unset = one eval.batch_size batch / the newest checkpoint
+    'num_samples': int,
+    'ckpt': int,
 }
 
 

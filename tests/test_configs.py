@@ -181,7 +181,7 @@ ORIGINAL = {path: {field: _decode(value) for field, value in fields.items()}
 NEW_FIELDS = {'sampling.ode_solver', 'sampling.ode_rtol', 'sampling.ode_atol', 'data.data_dir', 'eval.inception_path',
               'eval.stats_dir', 'eval.wait_for_checkpoints_s'} | {
     f'sampling.{option}' for option in ('steps', 'order', 'eta', 'churn', 'rho', 'time_schedule', 'lower_order_final',
-                                        'adaptive_rtol', 'adaptive_atol', 'denoise_to_zero')}
+                                        'adaptive_rtol', 'adaptive_atol', 'denoise_to_zero', 'num_samples', 'ckpt')}
 STANDALONE_ADDED = NEW_FIELDS | {'training.n_jitted_steps', 'eval.enable_sampling', 'eval.enable_loss',
                                  'eval.enable_bpd', 'eval.bpd_dataset', 'model.beta_min', 'model.beta_max'}
 ADDED = {'ve/celebahq_ncsnpp_continuous.py': STANDALONE_ADDED, 've/ffhq_ncsnpp_continuous.py': STANDALONE_ADDED,

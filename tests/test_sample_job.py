@@ -1,0 +1,126 @@
+"""``--mode sample`` (run_lib.sample): samples from a checkpoint with a configured sampler, files, NFE, no overwrite.
+
+The workdir holds two checkpoints of an initialised tiny digits model (no training: sampling only
+needs weights). Their ``params`` are NaN and only ``params_ema`` are finite, so samples from the
+wrong weights would be NaN and stop the job.
+"""
+import json
+import logging
+import os
+import pathlib
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+import losses
+import run_lib
+from score_sde import checkpoints
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _config(**sampling):
+    """test_train's tiny digits DDPM++, 4 samples per batch, DDIM in 3 steps unless ``sampling`` says otherwise."""
+    from test_train import tiny_config
+
+    config = tiny_config()
+    config.eval.batch_size = 4
+    config.sampling.method = "ddim"
+    config.sampling.steps = 3
+    for field, value in sampling.items():
+        setattr(config.sampling, field, value)
+    return config
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    """checkpoint_1 (step 5) and checkpoint_2 (step 10): NaN ``params``, finite (different) ``params_ema``."""
+    root = tmp_path_factory.mktemp("sample_job") / "workdir"
+    _, state = losses.init_train_state(jax.random.PRNGKey(0), _config())
+    nan_params = jax.tree_util.tree_map(lambda p: np.full(np.shape(p), np.nan, np.float32), state.params)
+    for number, step in ((1, 5), (2, 10)):
+        noise = np.random.default_rng(number)  # also makes the zero-initialised output layer differ
+        ema = jax.tree_util.tree_map(lambda p: np.asarray(p) + 0.05 * noise.standard_normal(np.shape(p), np.float32),
+                                     state.params)
+        saved = state.replace(step=step, params=nan_params, params_ema=ema)
+        checkpoints.save_checkpoint(str(root / "checkpoints"), saved, step=number, keep=np.inf)
+    return root
+
+
+def _folder_contents(folder: pathlib.Path) -> dict:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def test_samples_files_and_nfe(workdir, caplog):
+    """Newest checkpoint, params_ema: grid, uint8 npz (finite, varied), NFE = DDIM's steps, progress logged."""
+    with caplog.at_level(logging.INFO):
+        info = run_lib.sample(_config(), str(workdir))
+    folder = pathlib.Path(info["folder"])  # samples_ddim_ckpt_2, or _<k> after another test's run
+    assert folder.parent == workdir and folder.name.startswith("samples_ddim_ckpt_2")
+    assert sorted(p.name for p in folder.iterdir()) == ["grid_0.png", "sample_info.json", "samples.npz"]
+    samples = np.load(folder / "samples.npz")["samples"]
+    assert samples.dtype == np.uint8 and samples.shape == (4, 8, 8, 1)
+    assert samples.std() > 0 and len({s.tobytes() for s in samples}) == 4  # not constant, not one image repeated
+    written = json.loads((folder / "sample_info.json").read_text())
+    assert written["nfe"] == 3 and written["nfe_per_batch"] == [3]  # DDIM: one score evaluation per step
+    assert written["ckpt"] == 2 and written["step"] == 10 and written["checkpoint"] == "checkpoints/checkpoint_2"
+    assert written["sampler_options"]["steps"] == 3 and written["sampler_options"]["eta"] == 0.0
+    assert "sampling batch 1/1 | 3 score evaluations per sample | ETA" in caplog.text
+
+
+def test_chosen_checkpoint_and_batches(workdir):
+    """sampling.ckpt picks checkpoint_1; 5 samples in batches of 4 are 2 batches, 2 grids, 5 samples."""
+    info = run_lib.sample(_config(ckpt=1, num_samples=5, steps=2), str(workdir))
+    folder = workdir / "samples_ddim_ckpt_1"
+    assert info["folder"] == str(folder) and info["step"] == 5 and info["nfe_per_batch"] == [2, 2]
+    samples = np.load(folder / "samples.npz")["samples"]
+    assert samples.shape == (5, 8, 8, 1)
+    assert {"grid_0.png", "grid_1.png"} <= set(os.listdir(folder))
+    # The newest checkpoint's DDIM from the same seed and steps differs: another params_ema was used.
+    other = run_lib.sample(_config(num_samples=5, steps=2), str(workdir))
+    assert not np.array_equal(np.load(pathlib.Path(other["folder"]) / "samples.npz")["samples"], samples)
+
+
+def test_rerun_does_not_overwrite(workdir):
+    """Same settings: nothing drawn, the folder untouched; other settings: a new folder, the first one untouched."""
+    first = pathlib.Path(run_lib.sample(_config(), str(workdir))["folder"])  # or a no-op after another test
+    before, listing = _folder_contents(first), sorted(os.listdir(workdir))
+    again = run_lib.sample(_config(), str(workdir))
+    assert again["folder"] == str(first) and _folder_contents(first) == before
+    assert sorted(os.listdir(workdir)) == listing
+    changed = run_lib.sample(_config(eta=1.0), str(workdir))
+    assert os.path.basename(changed["folder"]) not in listing
+    assert changed["folder"].startswith(str(workdir / "samples_ddim_ckpt_2_"))
+    assert changed["sampler_options"]["eta"] == 1.0
+    assert _folder_contents(first) == before
+    assert not [name for name in os.listdir(workdir) if ".partial-" in name]
+
+
+def test_bad_input_fails_before_compiling(workdir, tmp_path):
+    """A missing chosen checkpoint or steps < 1: one SamplingError naming the field, nothing written."""
+    listing = sorted(os.listdir(workdir))
+    with pytest.raises(run_lib.SamplingError, match=r"config.sampling.ckpt = 7: .* holds 1-2"):
+        run_lib.sample(_config(ckpt=7), str(workdir))
+    with pytest.raises(run_lib.SamplingError, match=r"config.sampling.steps=0"):
+        run_lib.sample(_config(steps=0), str(workdir))
+    with pytest.raises(run_lib.SamplingError, match="No checkpoint to sample from"):
+        run_lib.sample(_config(), str(tmp_path / "empty"))
+    assert sorted(os.listdir(workdir)) == listing and not (tmp_path / "empty").exists()
+
+
+def test_missing_checkpoint_through_main(tmp_path):
+    """``main.py --mode sample`` on a workdir without checkpoints: one line, exit 1, nothing created."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    workdir = tmp_path / "mistyped"
+    proc = subprocess.run(
+        [sys.executable, "main.py", "--config", "configs/vp/digits.py", "--workdir", str(workdir), "--mode", "sample",
+         "--config.sampling.method=ddim"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    error_lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(error_lines) == 1 and "No checkpoint to sample from" in error_lines[0]
+    assert "--mode train" in error_lines[0] and "Traceback" not in proc.stderr
+    assert not workdir.exists()
