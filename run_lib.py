@@ -990,8 +990,9 @@ def _sampler_settings(config) -> dict:
         return {"ode_solver": config.sampling.get("ode_solver", ode.DEFAULT_SOLVER),
                 "ode_rtol": config.sampling.get("ode_rtol", 1e-5), "ode_atol": config.sampling.get("ode_atol", 1e-5),
                 "noise_removal": config.sampling.noise_removal}
-    return {field: config.sampling[field] for field in ("predictor", "corrector", "snr", "n_steps_each",
-                                                         "probability_flow", "noise_removal")}
+    settings = {field: config.sampling[field] for field in ("predictor", "corrector", "snr", "n_steps_each",
+                                                             "probability_flow", "noise_removal")}
+    return {**settings, "num_scales": config.model.num_scales}  # PC takes one step per discretisation step
 
 
 def _sample_folder(workdir: str, method: str, ckpt: int, settings: dict) -> tuple[str, dict | None]:
@@ -1056,7 +1057,9 @@ def sample(config, workdir: str) -> dict:
         raise SamplingError(str(err)) from err
     step = checkpoints.checkpoint_step(ckpt_path)  # None for a file without our footer: read from the state below
     sde, sampling_eps = sde_lib.get_sde(config)
-    settings = {"method": method, "sampler_options": options, "ckpt": ckpt, "num_samples": int(num_samples),
+    # The step too: a resumed training run that redoes a step rewrites that step's checkpoint.
+    settings = {"method": method, "sampler_options": options, "ckpt": ckpt, "step": step,
+                "num_samples": int(num_samples),
                 "batch_size": int(global_batch), "seed": int(config.seed), "devices": parallel.device_count(),
                 "sampling_eps": float(sampling_eps)}
     folder, done = _sample_folder(workdir, method, ckpt, settings)
@@ -1066,15 +1069,18 @@ def sample(config, workdir: str) -> dict:
         return {**done, "folder": folder}
 
     model, template = eval_state_template(config, jax.random.PRNGKey(config.seed + 1))
+    shape = (global_batch // parallel.device_count(), config.data.image_size, config.data.image_size,
+             config.data.num_channels)
+    try:  # the samplers check their settings against the SDE here, before anything is compiled
+        sampling_fn = sampling.get_sampling_fn(config, sde, model, shape, datasets.get_data_inverse_scaler(config),
+                                               sampling_eps)
+    except (ValueError, NotImplementedError) as err:
+        raise SamplingError(_one_line(err)) from err
     try:
         state = checkpoints.restore_checkpoint(ckpt_path, template)
     except (ValueError, OSError) as err:  # checkpoints.CorruptCheckpointError is a ValueError
         raise SamplingError(f"Cannot sample from {ckpt_path}: {_one_line(err)}") from err
     step = int(state.step) if step is None else step
-    shape = (global_batch // parallel.device_count(), config.data.image_size, config.data.image_size,
-             config.data.num_channels)
-    sampling_fn = sampling.get_sampling_fn(config, sde, model, shape, datasets.get_data_inverse_scaler(config),
-                                           sampling_eps)
     pstate = parallel.replicate(state)
     del state
 

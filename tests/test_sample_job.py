@@ -99,13 +99,29 @@ def test_rerun_does_not_overwrite(workdir):
     assert not [name for name in os.listdir(workdir) if ".partial-" in name]
 
 
+def test_rewritten_checkpoint_gets_a_new_folder(workdir, tmp_path):
+    """A resumed training run that redoes checkpoint_2 at another step: its samples go to a new folder."""
+    copy = tmp_path / "workdir"
+    (copy / "checkpoints").mkdir(parents=True)
+    (copy / "checkpoints" / "checkpoint_2").write_bytes((workdir / "checkpoints" / "checkpoint_2").read_bytes())
+    first = run_lib.sample(_config(), str(copy))
+    template = run_lib.eval_state_template(_config(), jax.random.PRNGKey(0))[1]
+    state = checkpoints.restore_checkpoint(str(copy / "checkpoints" / "checkpoint_2"), template)
+    checkpoints.save_checkpoint(str(copy / "checkpoints"), state.replace(step=11), step=2)
+    second = run_lib.sample(_config(), str(copy))
+    assert first["step"] == 10 and second["step"] == 11 and second["folder"] != first["folder"]
+
+
 def test_bad_input_fails_before_compiling(workdir, tmp_path):
-    """A missing chosen checkpoint or steps < 1: one SamplingError naming the field, nothing written."""
+    """A missing chosen checkpoint, steps < 1, a sampler unfit for the SDE: one SamplingError, nothing written."""
     listing = sorted(os.listdir(workdir))
     with pytest.raises(run_lib.SamplingError, match=r"config.sampling.ckpt = 7: .* holds 1-2"):
         run_lib.sample(_config(ckpt=7), str(workdir))
     with pytest.raises(run_lib.SamplingError, match=r"config.sampling.steps=0"):
         run_lib.sample(_config(steps=0), str(workdir))
+    # The reverse-diffusion denoiser of a VP SDE needs num_scales > beta_max (20); the tiny model has 10.
+    with pytest.raises(run_lib.SamplingError, match=r"config.model.num_scales > beta_max"):
+        run_lib.sample(_config(method="ode", noise_removal=True), str(workdir))
     with pytest.raises(run_lib.SamplingError, match="No checkpoint to sample from"):
         run_lib.sample(_config(), str(tmp_path / "empty"))
     assert sorted(os.listdir(workdir)) == listing and not (tmp_path / "empty").exists()
