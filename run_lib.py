@@ -1039,8 +1039,9 @@ def sample(config, workdir: str) -> dict:
         The contents of ``sample_info.json`` plus ``folder``.
 
     Raises:
-        SamplingError: no checkpoint (before any model is built or compiled), ``sampling.num_samples``
-            < 1, an unreadable checkpoint, or samples that are NaN / infinite.
+        SamplingError: before any model is built or compiled: no checkpoint, no ``checkpoint_<sampling.ckpt>``,
+            ``sampling.num_samples`` < 1, a bad sampler option; before compiling: a sampler unfit for the SDE;
+            then an unreadable checkpoint, or samples that are NaN / infinite. One line each.
     """
     checkpoint_dir = os.path.join(workdir, "checkpoints")
     ckpt, ckpt_path = _sample_checkpoint(config, checkpoint_dir)
