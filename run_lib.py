@@ -1017,6 +1017,55 @@ def _sample_folder(workdir: str, method: str, ckpt: int, settings: dict) -> tupl
         k += 1
 
 
+# The reverse-process GIF: at most this many images, about this many frames (plus the first and the last).
+GIF_IMAGES = 16
+GIF_FRAMES = 10
+
+
+def _reverse_process_frames(config, sde, model, state, sampling_eps: float, shape) -> list[np.ndarray] | None:
+    """Frames of the deterministic DDIM path from noise to data, ``(GIF_IMAGES, H, W, C)`` each, or None.
+
+    Only for ``sampling.method = 'ddim'`` with ``eta = 0`` and the ``'time_uniform'`` schedule: the
+    first ``k`` of its ``N`` steps from ``T`` to ``eps`` are exactly the ``k`` uniform steps from ``T``
+    to ``t_k = T + (k/N)(eps - T)``, so frame ``k`` is one DDIM call (one compiled program, ``k`` traced).
+    """
+    import fast_sampling  # noqa: PLC0415 (only this GIF calls a sampler at the score level)
+
+    if config.sampling.method.lower() != "ddim":
+        return None
+    options = fast_sampling.sampler_options("ddim", config.sampling)
+    if options["eta"] != 0 or options["time_schedule"] != "time_uniform":
+        return None
+    steps = options["steps"]
+    score_fn = mutils.get_score_fn(sde, model, state.params_ema, state.model_state, train=False,
+                                   continuous=config.training.continuous)
+    inverse_scaler = datasets.get_data_inverse_scaler(config)
+
+    @jax.jit
+    def frame(rng, z, k):
+        t_k = sde.T + k / steps * (sampling_eps - sde.T)
+        x, _ = fast_sampling.ddim(rng, score_fn, sde, z, eps=t_k, steps=k, eta=0.0, time_schedule="time_uniform")
+        return inverse_scaler(x)
+
+    rng, z_rng = jax.random.split(jax.random.PRNGKey(config.seed))
+    z = sde.prior_sampling(z_rng, (min(GIF_IMAGES, shape[0]),) + tuple(shape[1:]))
+    ks = sorted(set(range(0, steps, max(steps // GIF_FRAMES, 1))) | {steps})
+    return [np.asarray(inverse_scaler(z) if k == 0 else frame(rng, z, k)) for k in ks]
+
+
+def _write_gif(frames: list[np.ndarray], path: str, upscale: int) -> None:
+    """``frames`` (images in [0, 1]) as grids in an animated GIF, 0.2 s a frame, the last held 2 s, looping."""
+    from PIL import Image  # noqa: PLC0415 (only the GIF needs it here)
+
+    images = []
+    for batch in frames:
+        grid = reporting.make_grid(np.clip(batch, 0.0, 1.0), nrow=max(int(np.sqrt(len(batch))), 1))
+        pixels = np.clip(grid * 255.0 + 0.5, 0, 255).astype(np.uint8).repeat(upscale, 0).repeat(upscale, 1)
+        images.append(Image.fromarray(pixels[..., 0] if pixels.shape[-1] == 1 else pixels))
+    images[0].save(path, save_all=True, append_images=images[1:], duration=[200] * (len(images) - 1) + [2000],
+                   loop=0)
+
+
 def sample(config, workdir: str) -> dict:
     """Draw ``config.sampling.num_samples`` samples from a checkpoint of ``workdir`` (``--mode sample``).
 
@@ -1030,7 +1079,9 @@ def sample(config, workdir: str) -> dict:
     samples of other settings): ``samples.npz`` (``samples``: ``(num_samples, H, W, C)`` uint8,
     rounded as the PNGs), ``grid_<b>.png`` (batch ``b``), ``sample_info.json`` (``nfe``: the score
     evaluations per sample the sampler reported, the largest over batches, and ``nfe_per_batch``;
-    ``sampler_options``, ``ckpt``, ``step``, ``settings``, ...). The folder is filled under a
+    ``sampler_options``, ``ckpt``, ``step``, ``settings``, ...); for deterministic DDIM (``eta = 0``,
+    ``'time_uniform'`` steps) also ``reverse_process.gif``, the path of 16 images from noise to data
+    (:func:`_reverse_process_frames`). The folder is filled under a
     temporary name and renamed when complete, so it never holds a partial result; a rerun with the
     same settings (seed included: the same samples) finds it and draws nothing. With several
     processes each writes its own folder (suffix ``_host_<p>``) with the samples it drew.
@@ -1108,6 +1159,7 @@ def sample(config, workdir: str) -> dict:
         eta = f" | ETA {reporting.format_duration((rounds - r - 1) / rate)}" if rate > 0 else ""
         logging.info("sampling batch %d/%d | %d score evaluations per sample%s", r + 1, rounds, nfes[-1], eta)
     seconds = time.perf_counter() - start
+    frames = _reverse_process_frames(config, sde, model, parallel.unreplicate(pstate), sampling_eps, shape)
 
     # Written under a temporary name, then renamed: the folder is complete or absent.
     tmp_folder = f"{folder}.partial-{os.getpid()}"
@@ -1116,6 +1168,8 @@ def sample(config, workdir: str) -> dict:
         # Small images are enlarged so that the grid is legible (8×8 digits become 32×32).
         reporting.save_image(batch, os.path.join(tmp_folder, f"grid_{r}.png"),
                              nrow=max(int(np.sqrt(len(batch))), 1), upscale=max(1, 32 // shape[1]))
+    if frames is not None:
+        _write_gif(frames, os.path.join(tmp_folder, "reverse_process.gif"), upscale=max(1, 32 // shape[1]))
     all_images = np.clip(np.concatenate(batches) * 255.0 + 0.5, 0, 255).astype(np.uint8)
     if parallel.process_count() == 1:
         all_images = all_images[:num_samples]

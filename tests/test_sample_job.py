@@ -14,6 +14,7 @@ import sys
 import jax
 import numpy as np
 import pytest
+from PIL import Image, ImageSequence
 
 import losses
 import run_lib
@@ -60,7 +61,8 @@ def test_samples_files_and_nfe(workdir, caplog):
         info = run_lib.sample(_config(), str(workdir))
     folder = pathlib.Path(info["folder"])  # samples_ddim_ckpt_2, or _<k> after another test's run
     assert folder.parent == workdir and folder.name.startswith("samples_ddim_ckpt_2")
-    assert sorted(p.name for p in folder.iterdir()) == ["grid_0.png", "sample_info.json", "samples.npz"]
+    assert sorted(p.name for p in folder.iterdir()) == ["grid_0.png", "reverse_process.gif", "sample_info.json",
+                                                         "samples.npz"]
     samples = np.load(folder / "samples.npz")["samples"]
     assert samples.dtype == np.uint8 and samples.shape == (4, 8, 8, 1)
     assert samples.std() > 0 and len({s.tobytes() for s in samples}) == 4  # not constant, not one image repeated
@@ -69,6 +71,11 @@ def test_samples_files_and_nfe(workdir, caplog):
     assert written["ckpt"] == 2 and written["step"] == 10 and written["checkpoint"] == "checkpoints/checkpoint_2"
     assert written["sampler_options"]["steps"] == 3 and written["sampler_options"]["eta"] == 0.0
     assert "sampling batch 1/1 | 3 score evaluations per sample | ETA" in caplog.text
+    # Deterministic DDIM: a GIF of its path, noise (k = 0) and after each of the 3 steps, all 4 images.
+    with Image.open(folder / "reverse_process.gif") as gif:
+        frames = [np.asarray(f.convert("L")) for f in ImageSequence.Iterator(gif)]
+    assert len(frames) == 4 and frames[0].shape == Image.open(folder / "grid_0.png").size[::-1]
+    assert all(not np.array_equal(a, b) for a, b in zip(frames, frames[1:]))
 
 
 def test_chosen_checkpoint_and_batches(workdir):
@@ -95,6 +102,7 @@ def test_rerun_does_not_overwrite(workdir):
     assert os.path.basename(changed["folder"]) not in listing
     assert changed["folder"].startswith(str(workdir / "samples_ddim_ckpt_2_"))
     assert changed["sampler_options"]["eta"] == 1.0
+    assert "reverse_process.gif" not in os.listdir(changed["folder"])  # stochastic DDIM: no deterministic path
     assert _folder_contents(first) == before
     assert not [name for name in os.listdir(workdir) if ".partial-" in name]
 
@@ -140,3 +148,30 @@ def test_missing_checkpoint_through_main(tmp_path):
     assert len(error_lines) == 1 and "No checkpoint to sample from" in error_lines[0]
     assert "--mode train" in error_lines[0] and "Traceback" not in proc.stderr
     assert not workdir.exists()
+
+
+def test_gif_frames_lie_on_the_ddim_path(workdir):
+    """Each GIF frame is the state of the one N-step DDIM path after k steps (recomputed here step by step)."""
+    import sde_lib
+    from models import utils as mutils
+    from score_sde import datasets
+
+    config = _config(steps=4)
+    sde, eps = sde_lib.get_sde(config)
+    model, template = run_lib.eval_state_template(config, jax.random.PRNGKey(0))
+    state = checkpoints.restore_checkpoint(str(workdir / "checkpoints" / "checkpoint_2"), template)
+    frames = run_lib._reverse_process_frames(config, sde, model, state, eps, (4, 8, 8, 1))
+    score_fn = mutils.get_score_fn(sde, model, state.params_ema, state.model_state, train=False, continuous=True)
+    scaler = datasets.get_data_inverse_scaler(config)
+    x = sde.prior_sampling(jax.random.split(jax.random.PRNGKey(config.seed))[1], (4, 8, 8, 1))
+    path = [scaler(x)]
+    for i in range(4):  # deterministic DDIM on the uniform time grid from T to eps
+        s, t = (np.full((4,), sde.T + j / 4 * (eps - sde.T), np.float32) for j in (i, i + 1))
+        mean_s, std_s = sde.marginal_prob(np.ones((4, 1, 1, 1), np.float32), s)
+        mean_t, std_t = sde.marginal_prob(np.ones((4, 1, 1, 1), np.float32), t)
+        noise = -std_s[:, None, None, None] * score_fn(x, s)
+        x = mean_t * (x - std_s[:, None, None, None] * noise) / mean_s + std_t[:, None, None, None] * noise
+        path.append(scaler(x))
+    assert len(frames) == 5
+    for k, (frame, state_k) in enumerate(zip(frames, path)):
+        np.testing.assert_allclose(frame, state_k, rtol=1e-4, atol=1e-4, err_msg=f"frame {k}")
