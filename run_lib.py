@@ -956,7 +956,7 @@ def fid_stats(config, workdir: str, feature_extractor=None) -> str:
 # ----------------------------------------------------------------------------------------------
 
 class SamplingError(EvaluationError):
-    """``--mode sample`` cannot start: no such checkpoint, a bad ``sampling.num_samples``, an unreadable file."""
+    """``--mode sample`` cannot start or go on: no such checkpoint, a bad ``sampling.*`` value, NaN samples."""
 
 
 def _sample_checkpoint(config, checkpoint_dir: str) -> tuple[int, str]:
