@@ -38,6 +38,7 @@ import sampling
 import sde_lib
 from models import utils as mutils
 from score_sde import checkpoints, config_checks, datasets, eval_records, inception, metrics, ode, parallel, reporting
+from score_sde import tables as tables_lib
 
 
 class TrainingDivergedError(FloatingPointError):
@@ -1182,3 +1183,17 @@ def sample(config, workdir: str) -> dict:
     os.rename(tmp_folder, folder)  # fails rather than replace a folder that another run finished meanwhile
     logging.info("Wrote %d samples to %s (%d score evaluations per sample).", len(all_images), folder, max(nfes))
     return {**info, "folder": folder}
+
+
+# ----------------------------------------------------------------------------------------------
+# The paper's tables at CPU scale (--mode tables)
+# ----------------------------------------------------------------------------------------------
+
+def tables(config, workdir: str) -> dict:
+    """The paper's tables beside ours (``--mode tables``): ``workdir/tables.md``, ``tables.json``, plots.
+
+    Resumable: finished cells stored in ``tables.json`` are not recomputed. See ``score_sde.tables``
+    and docs/tables.md.
+    """
+    return tables_lib.run(config, workdir)
+

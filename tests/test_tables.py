@@ -205,3 +205,20 @@ def test_eval_workdir_of_another_config_is_refused(tmp_path):
     with pytest.raises(ValueError, match=expected):
         tables.run(config, str(tmp_path / "out"))
     assert not (tmp_path / "out").exists()
+
+
+def test_main_runs_the_tables_mode_and_a_bad_tables_config_is_one_line(tmp_path):
+    """``--mode tables`` reaches score_sde.tables.run; its config errors end as one ``error:`` line, nothing written."""
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    workdir = tmp_path / "w"
+    proc = subprocess.run([sys.executable, "main.py", "--config", "configs/tables/quick.py", "--mode", "tables",
+                           "--workdir", str(workdir), "--config.tables.seeds=1"],
+                          cwd=root, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-2:] == [
+        "error: Invalid tables config:", "  config.tables.seeds = 1: a confidence interval needs at least 2 seeds"]
+    assert not workdir.exists()
