@@ -307,8 +307,8 @@ def test_configuration_errors_are_clear():
         sampling.get_predictor("ancestral_sampling")(make_sde("vesde"), score, True)
     with pytest.raises(ValueError, match="ode_solver"):
         sampling.get_score_ode_sampler(sde, score, (2, 4, 4, 1), solver="euler")
-    cfg = ml_collections.ConfigDict({"sampling": {"method": "ddim"}})
-    with pytest.raises(ValueError, match="'pc' or 'ode'"):
+    cfg = ml_collections.ConfigDict({"sampling": {"method": "ddpm_magic"}})
+    with pytest.raises(ValueError, match="config.sampling.method='ddpm_magic' is unknown; use one of pc, ode, "):
         sampling.get_sampling_fn(cfg, sde, None, (2, 4, 4, 1), lambda x: x, 1e-3)
     with pytest.raises(ValueError, match="N=10"):
         sampling.get_score_ode_sampler(make_sde("vpsde", 10), score, (2, 4, 4, 1), denoise=True)
