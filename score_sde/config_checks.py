@@ -211,12 +211,13 @@ the model, the data, the loss, the optimizer's kind, the seed) defines the train
 _ABSENT = '(absent)'
 
 
-def _flatten(tree: Any, prefix: str = '') -> dict[str, Any]:
+def flatten(tree: Any, prefix: str = '') -> dict[str, Any]:
+    """``{'section.field': value}`` of a nested dict (e.g. ``config.to_dict()``)."""
     if not isinstance(tree, dict):
         return {prefix: tree}
     flat: dict[str, Any] = {}
     for key, value in tree.items():
-        flat.update(_flatten(value, f'{prefix}.{key}' if prefix else str(key)))
+        flat.update(flatten(value, f'{prefix}.{key}' if prefix else str(key)))
     return flat
 
 
@@ -235,7 +236,7 @@ def config_changes(old: dict, new: dict) -> tuple[dict[str, tuple], dict[str, tu
       old, new: configs as JSON dicts (``json.loads(config.to_json_best_effort())``, the form of a
         workdir's ``config.json``), so that tuples and lists compare equal.
     """
-    old_flat, new_flat = _flatten(old), _flatten(new)
+    old_flat, new_flat = flatten(old), flatten(new)
     safe: dict[str, tuple] = {}
     unsafe: dict[str, tuple] = {}
     for field in sorted(set(old_flat) | set(new_flat)):

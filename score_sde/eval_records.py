@@ -21,7 +21,7 @@ import jax
 import numpy as np
 import tensorflow as tf
 
-from score_sde import inception, metrics
+from score_sde import config_checks, inception, metrics
 from score_sde.datasets import DatasetUnavailableError
 
 DEFAULT_STATS_DIR = os.path.join("assets", "stats")
@@ -208,16 +208,6 @@ PART_FIELDS = {
 SETTINGS_FILE = "settings.json"
 
 
-def _flatten(tree: Mapping, prefix: str = "") -> dict:
-    flat = {}
-    for key, value in tree.items():
-        if isinstance(value, Mapping):
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
 def result_settings(config, device_count: int) -> dict:
     """The settings that define an evaluation's results, as ``{'section.field': JSON value}``.
 
@@ -225,7 +215,7 @@ def result_settings(config, device_count: int) -> dict:
     :data:`FREE_FIELDS` and the :data:`PART_FIELDS` of the parts that are off, plus ``devices``:
     the number of devices, since the random numbers of bits/dim and sampling are drawn per device.
     """
-    flat = _flatten(config.to_dict())
+    flat = config_checks.flatten(config.to_dict())
 
     def used(key: str) -> bool:
         switches = [switch for switch, prefixes in PART_FIELDS.items() if key.startswith(prefixes)]
