@@ -451,6 +451,9 @@ def _train(config, workdir, changes, sample_dir, tb_dir, checkpoint_dir, checkpo
 CHECKPOINT_POLL_S = 60.0
 # Seconds between looks for the files the other processes of a multi-host evaluation write.
 HOST_FILES_POLL_S = 5.0
+# Seconds to wait for them before concluding that a process died (sampling one checkpoint's share takes minutes to
+# an hour on the released configs; a process that has not written its files after this is not coming back).
+HOST_FILES_TIMEOUT_S = 4 * 3600.0
 
 
 class EvaluationError(ValueError):
@@ -615,7 +618,14 @@ def _wait_for_host_files(paths: list[str], what: str) -> None:
     if all(os.path.exists(p) for p in paths):
         return
     logging.info("Waiting for %s from the other processes of this evaluation.", what)
+    deadline = time.monotonic() + HOST_FILES_TIMEOUT_S
     while not all(os.path.exists(p) for p in paths):
+        if time.monotonic() > deadline:
+            missing = [p for p in paths if not os.path.exists(p)]
+            raise EvaluationError(
+                f"Waited {HOST_FILES_TIMEOUT_S:.0f} s for {what} and {len(missing)} file(s) never appeared (first: "
+                f"{missing[0]}): did that process die? Restart every process of the evaluation; finished parts "
+                "are kept and are not recomputed.")
         time.sleep(HOST_FILES_POLL_S)
 
 

@@ -227,3 +227,25 @@ def test_unreadable_checkpoint_fails_at_once_naming_the_file(tmp_path, monkeypat
     assert "\n" not in str(info.value)
     if damage != "other model":
         assert isinstance(info.value.__cause__, checkpoints.CorruptCheckpointError)
+
+
+# ---------------------------------------------------------------- _wait_for_host_files (multi-host eval)
+
+def test_host_files_arriving_during_the_wait_end_it(tmp_path, monkeypatch):
+    target = tmp_path / "host_1_stats.npz"
+    fake = FakeTime(on_sleep=lambda: target.write_bytes(b"x"))
+    monkeypatch.setattr(run_lib, "time", fake)
+    run_lib._wait_for_host_files([str(target)], "the statistics of host 1")
+    assert fake.sleeps == [run_lib.HOST_FILES_POLL_S]
+
+
+def test_host_files_that_never_arrive_end_with_an_error_naming_them(tmp_path, monkeypatch):
+    present, missing = tmp_path / "host_0.npz", tmp_path / "host_1.npz"
+    present.write_bytes(b"x")
+    fake = FakeTime()
+    monkeypatch.setattr(run_lib, "time", fake)
+    monkeypatch.setattr(run_lib, "HOST_FILES_TIMEOUT_S", 12.0)
+    with pytest.raises(run_lib.EvaluationError, match="did that process die") as info:
+        run_lib._wait_for_host_files([str(present), str(missing)], "the statistics of host 1")
+    assert str(missing) in str(info.value) and "1 file(s)" in str(info.value)
+    assert sum(fake.sleeps) <= 12.0 + run_lib.HOST_FILES_POLL_S
