@@ -28,7 +28,7 @@ _MISSING = object()
 MODES = ('train', 'eval')
 """Modes of ``main.py --mode``."""
 
-DATASETS = ('CIFAR10', 'SVHN', 'CELEBA', 'LSUN', 'FFHQ', 'CelebAHQ', 'DIGITS', 'FASHION_MNIST')
+DATASETS = ('CIFAR10', 'SVHN', 'CELEBA', 'LSUN', 'FFHQ', 'CelebAHQ', 'DIGITS', 'FASHION_MNIST', 'GMM')
 """Values accepted for ``config.data.dataset`` (exact spelling, as ``score_sde.datasets`` compares them)."""
 
 

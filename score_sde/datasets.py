@@ -17,6 +17,8 @@ Datasets (``config.data.dataset``):
   ``config.data.tfrecords_path`` (file or glob), as the original.
 - ``DIGITS``: the UCI handwritten digits embedded in this package (``score_sde/data``, see its
   README): 1,797 images 8x8x1; the first 1,500 train, the last 297 evaluate.
+- ``GMM``: draws of the Gaussian mixture ``score_sde.mixtures.make_mixture(config.data.dim)`` as
+  ``(1, 1, dim)`` float "images" (not pixels; for the ``mlp`` model): see :func:`load_gmm`.
 - ``FASHION_MNIST``: the gzipped IDX files of Fashion-MNIST (28x28x1; 60,000 train, 10,000 test)
   in ``config.data.data_dir`` or, by default, where Debian's ``dataset-fashion-mnist`` puts them.
 """
@@ -43,6 +45,7 @@ from score_sde import parallel
 FASHION_MNIST_DEFAULT_DIR = "/usr/share/datasets/fashion-mnist"
 CIFAR10_BINARY_TARBALL = "cifar-10-binary.tar.gz"
 DIGITS_NUM_EVAL = 297
+GMM_NUM_TRAIN, GMM_NUM_EVAL = 50000, 5000
 SHUFFLE_BUFFER_SIZE = 10000
 _NETWORK_TIMEOUT_S = 3.0
 
@@ -198,6 +201,35 @@ def load_digits() -> tuple[np.ndarray, np.ndarray]:
         with np.load(f, allow_pickle=False) as arrays:
             images, labels = arrays["images"], arrays["labels"]
     return images[..., None], labels.astype(np.int64)
+
+
+def load_gmm(config, uniform_dequantization: bool = False) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """``GMM``: fixed draws of ``score_sde.mixtures.make_mixture(config.data.dim)`` with their component labels.
+
+    Returns ``{'train': (x, labels), 'test': (x, labels)}``, ``x`` float32 ``(N, 1, 1, dim)`` (each
+    point is a 1x1 "image" with ``dim`` channels), ``GMM_NUM_TRAIN`` and ``GMM_NUM_EVAL`` points
+    drawn with the seed ``config.seed`` (train) and ``config.seed + 1`` (test).
+    """
+    import jax
+
+    from score_sde import mixtures  # imported here: only this dataset needs it
+
+    data = config.data
+    problems = []
+    if (data.image_size, data.num_channels) != (1, data.dim):
+        problems.append(f"config.data.image_size = {data.image_size} and config.data.num_channels = "
+                        f"{data.num_channels} must be 1 and config.data.dim = {data.dim}")
+    if data.centered or data.random_flip or uniform_dequantization:
+        problems.append("config.data.centered, random_flip and uniform_dequantization must be False (the "
+                        "mixture's points are not pixels in [0, 1])")
+    if problems:
+        raise ValueError("GMM dataset: " + "; ".join(problems) + ".")
+    mixture = mixtures.make_mixture(data.dim)
+    splits = {}
+    for split, seed, n in (("train", config.seed, GMM_NUM_TRAIN), ("test", config.seed + 1, GMM_NUM_EVAL)):
+        x, labels = mixture.sample_with_labels(jax.random.PRNGKey(seed), n)
+        splits[split] = (np.asarray(x, np.float32).reshape(n, 1, 1, data.dim), np.asarray(labels, np.int64))
+    return splits
 
 
 def load_fashion_mnist(data_dir: str | os.PathLike | None = None) -> dict[str, tuple[np.ndarray, np.ndarray]]:
@@ -445,9 +477,12 @@ def get_dataset(config, additional_dim: int | None = None, uniform_dequantizatio
         elif dataset == "FASHION_MNIST":
             source = ArraySource("fashion_mnist", load_fashion_mnist(data_dir))
             train_split, eval_split = "train", "test"
+        elif dataset == "GMM":
+            source = ArraySource("gmm", load_gmm(config, uniform_dequantization))
+            train_split, eval_split = "train", "test"
         else:
             raise NotImplementedError(f"Dataset {dataset} not yet supported (config.data.dataset); choose one of "
-                                      f"{sorted(_TFDS_DATASETS) + ['FFHQ', 'CelebAHQ', 'DIGITS', 'FASHION_MNIST']}.")
+                                      f"{sorted(_TFDS_DATASETS) + ['FFHQ', 'CelebAHQ', 'DIGITS', 'FASHION_MNIST', 'GMM']}.")
 
         if dataset == "CELEBA":
             def resize_op(img):
