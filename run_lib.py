@@ -32,6 +32,7 @@ import jax
 import numpy as np
 from clu import metric_writers
 
+import bound_likelihood
 import likelihood
 import losses
 import sampling
@@ -193,7 +194,7 @@ def _all_finite(tree: Any) -> bool:
 
 def _checkpoint_state(pstate, rng) -> Any:
     """The first replica of ``pstate`` on the host, carrying the host loop's ``rng`` (as the original)."""
-    return jax.device_get(parallel.unreplicate(pstate)).replace(rng=jax.device_get(rng))
+    return parallel.unreplicate_to_host(pstate).replace(rng=jax.device_get(rng))
 
 
 def _resume_candidates(checkpoint_meta_dir: str, checkpoint_dir: str) -> list[str]:
@@ -440,7 +441,7 @@ def _train(config, workdir, changes, sample_dir, tb_dir, checkpoint_dir, checkpo
     if is_main:
         logging.info("Training finished at step %d.", step)
     writer.close()
-    return jax.device_get(parallel.unreplicate(pstate))
+    return parallel.unreplicate_to_host(pstate)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -516,6 +517,22 @@ def _check_eval_config(config) -> None:
                               f"the number of devices ({devices}).")
     if config.eval.bpd_dataset.lower() not in ("train", "test"):
         raise EvaluationError(f"config.eval.bpd_dataset = {config.eval.bpd_dataset!r}; use 'train' or 'test'.")
+    _check_bound_config(config)
+
+
+def _check_bound_config(config) -> None:
+    """The bound's fields (``eval.enable_bound``, ``eval.bound_num_times``), and score_flow's ``eval.bound`` refused."""
+    if config.eval.get("bound", False):
+        # score_flow's switch replaced the ODE bits/dim by the bound; silently ignoring it would report the ODE only.
+        raise EvaluationError("config.eval.bound = True is score_flow's switch and is not read here: set "
+                              "config.eval.enable_bound = True (the bound is reported beside the ODE bits/dim; "
+                              "config.eval.enable_bpd = False skips the ODE) and config.eval.bound = False.")
+    if not config.eval.get("enable_bound", False):
+        return
+    num_times = config.eval.get("bound_num_times", 1000)
+    if not isinstance(num_times, int) or num_times < 1:
+        raise EvaluationError(f"config.eval.bound_num_times = {num_times!r}; use a positive integer (Monte-Carlo "
+                              "times per example for the likelihood bound; score_flow used 1000).")
 
 
 def _wait_seconds(config) -> float:
@@ -654,6 +671,8 @@ class _EvalJob:
     bpd_images: np.ndarray | None = None
     bpd_batches_per_repeat: int = 0
     num_bpd_rounds: int = 0
+    # the likelihood bound, on the bits/dim batches
+    bound_fn: Callable | None = None
     # samples and IS / FID / KID
     sampling_fn: Callable | None = None
     num_sampling_rounds: int = 0
@@ -695,6 +714,9 @@ def _build_job(config, eval_dir: str, checkpoint_dir: str, model_rng: jax.Array,
         job.likelihood_fn = likelihood.get_likelihood_fn(
             sde, score_model, inverse_scaler, rtol=config.sampling.get("ode_rtol", 1e-5),
             atol=config.sampling.get("ode_atol", 1e-5), solver=config.sampling.get("ode_solver", ode.DEFAULT_SOLVER))
+    if config.eval.get("enable_bound", False):
+        job.bound_fn = _bound_fn(config, sde, score_model, inverse_scaler)
+    if job.likelihood_fn is not None or job.bound_fn is not None:
         job.bpd_images = _images_for_batches(config, job.bpd_dataset, global_batch)
         job.bpd_batches_per_repeat = len(job.bpd_images) // global_batch
         # The test split is gone over 5 times with fresh dequantisation noise, as the original.
@@ -707,6 +729,15 @@ def _build_job(config, eval_dir: str, checkpoint_dir: str, model_rng: jax.Array,
         job.num_sampling_rounds = -(-config.eval.num_samples // global_batch)
         job = dataclasses.replace(job, **sample_metrics)
     return job
+
+
+def _bound_fn(config, sde, score_model, inverse_scaler) -> Callable:
+    """score_flow's evaluation bound: importance-sampled time on VP / sub-VP (uniform on VE, which has none)."""
+    return bound_likelihood.get_likelihood_bound_fn(
+        sde, score_model, inverse_scaler, dsm=config.eval.get("dsm", True),
+        eps=config.training.get("smallest_time", 1e-5), N=config.eval.get("bound_num_times", 1000),
+        importance_weighting=hasattr(sde, "sample_importance_weighted_time_for_likelihood"),
+        eps_offset=config.eval.get("offset", True))
 
 
 def _load_sample_metric_inputs(config, feature_extractor) -> dict:
@@ -771,6 +802,20 @@ def _eval_bpd(job: _EvalJob, ckpt: int, pstate, meta):
     return meta
 
 
+def _eval_bound(job: _EvalJob, ckpt: int, pstate, meta):
+    """The bound rounds not done yet, on the bits/dim batches: ``<bpd_dataset>_ckpt_<n>_bound_<round>.npz``."""
+    suffix = "" if parallel.process_count() == 1 else f"_host_{job.host}"
+    for bound_round in range(meta.bound_rounds_done, job.num_bpd_rounds):
+        rng, keys = device_keys(_meta_key(meta))
+        bound = np.asarray(job.bound_fn(keys, pstate, _bpd_batch(job, bound_round))[0]).reshape(-1)
+        eval_records.write_npz(
+            os.path.join(job.eval_dir, f"{job.bpd_dataset}_ckpt_{ckpt}_bound_{bound_round}{suffix}.npz"), bound)
+        repeat, batch_id = divmod(bound_round, job.bpd_batches_per_repeat)
+        logging.info("ckpt: %d, repeat: %d, batch: %d, mean bound bpd: %.6f", ckpt, repeat, batch_id, bound.mean())
+        meta = job.save_meta(meta, bound_rounds_done=bound_round + 1, rng=eval_records.key_to_list(rng))
+    return meta
+
+
 def _sampling_rounds(job: _EvalJob, ckpt: int, pstate, meta):
     """The sampling rounds not done yet: ``ckpt_<n>_host_<h>/samples_<r>.npz`` and ``statistics_<r>.npz``."""
     config = job.config
@@ -826,6 +871,8 @@ def _evaluate_checkpoint(job: _EvalJob, ckpt: int, meta):
         meta = _eval_loss(job, ckpt, pstate, meta)
     if job.likelihood_fn is not None:
         meta = _eval_bpd(job, ckpt, pstate, meta)
+    if job.bound_fn is not None:
+        meta = _eval_bound(job, ckpt, pstate, meta)
     if job.sampling_fn is not None:
         meta = _sampling_rounds(job, ckpt, pstate, meta)
         if not meta.metrics_done:
@@ -842,7 +889,8 @@ def evaluate(config, workdir: str, eval_folder: str = "eval", feature_extractor=
 
     For each checkpoint: the loss on the evaluation split (``eval.enable_loss``), bits/dim
     through the probability-flow ODE on ``eval.bpd_dataset`` (``'test'`` is gone over 5 times;
-    ``eval.enable_bpd``), and ``eval.num_samples`` samples with their Inception features and
+    ``eval.enable_bpd``), the likelihood bound in bits/dim on the same batches (``eval.enable_bound``,
+    :func:`_bound_fn`), and ``eval.num_samples`` samples with their Inception features and
     IS / FID / KID against the dataset statistics (``eval.enable_sampling``; per-host folders
     ``ckpt_<n>_host_<h>``). Evaluation and sampling use ``params_ema``. Checkpoints written by
     the original code are read too.
@@ -861,8 +909,9 @@ def evaluate(config, workdir: str, eval_folder: str = "eval", feature_extractor=
     ``settings.json``; rerunning into the same folder with other settings is refused.
 
     Files in ``workdir/eval_folder`` (the original's names): ``ckpt_<n>_loss.npz`` (``all_losses``,
-    ``mean_loss``), ``<bpd_dataset>_ckpt_<n>_bpd_<round>.npz``, ``ckpt_<n>_host_<h>/samples_<r>.npz`` and
-    ``statistics_<r>.npz`` (``pool_3``, ``logits``), ``report_<n>.npz`` (``IS``, ``fid``, ``kid``), plus
+    ``mean_loss``), ``<bpd_dataset>_ckpt_<n>_bpd_<round>.npz``, ``<bpd_dataset>_ckpt_<n>_bound_<round>.npz``
+    (the bound per example), ``ckpt_<n>_host_<h>/samples_<r>.npz`` and ``statistics_<r>.npz``
+    (``pool_3``, ``logits``), ``report_<n>.npz`` (``IS``, ``fid``, ``kid``), plus
     ``summary.json`` / ``summary.md`` and ``settings.json``. Numbers from a feature network other than
     the 2048-d Inception are labelled "(stand-in features)".
 
@@ -900,8 +949,8 @@ def evaluate(config, workdir: str, eval_folder: str = "eval", feature_extractor=
         meta = eval_records.EvalMeta(ckpt_id=begin, rng=eval_records.key_to_list(parallel.fold_in_process(rng)))
     else:
         logging.info("Resuming the evaluation at checkpoint %d (loss done: %s, bits/dim rounds done: %d, "
-                     "sampling rounds done: %d)", meta.ckpt_id, meta.loss_done, meta.bpd_rounds_done,
-                     meta.sampling_rounds_done)
+                     "bound rounds done: %d, sampling rounds done: %d)", meta.ckpt_id, meta.loss_done,
+                     meta.bpd_rounds_done, meta.bound_rounds_done, meta.sampling_rounds_done)
 
     summary = {"title": f"Evaluation of {workdir}", "eval_dir": eval_dir, "checkpoints": {}}
     if sample_metrics is not None:
@@ -909,15 +958,15 @@ def evaluate(config, workdir: str, eval_folder: str = "eval", feature_extractor=
         summary["dataset statistics"] = job.stats_path
     for ckpt in range(first, end + 1):
         if ckpt != meta.ckpt_id:  # a new checkpoint (or one after a changed eval.begin_ckpt): nothing done yet
-            meta = job.save_meta(meta, ckpt_id=ckpt, loss_done=False, bpd_rounds_done=0, sampling_rounds_done=0,
-                                 metrics_done=False)
+            meta = job.save_meta(meta, ckpt_id=ckpt, loss_done=False, bpd_rounds_done=0, bound_rounds_done=0,
+                                 sampling_rounds_done=0, metrics_done=False)
         meta = _evaluate_checkpoint(job, ckpt, meta)
         summary["checkpoints"][str(ckpt)] = eval_records.summarize_checkpoint(eval_dir, ckpt, job.bpd_dataset,
                                                                               job.names)
         if parallel.is_main_process():
             eval_records.write_summary(os.path.join(eval_dir, "summary"), summary)
-        meta = job.save_meta(meta, ckpt_id=ckpt + 1, loss_done=False, bpd_rounds_done=0, sampling_rounds_done=0,
-                             metrics_done=False)
+        meta = job.save_meta(meta, ckpt_id=ckpt + 1, loss_done=False, bpd_rounds_done=0, bound_rounds_done=0,
+                             sampling_rounds_done=0, metrics_done=False)
 
     for ckpt in range(begin, end + 1):
         row = eval_records.summarize_checkpoint(eval_dir, ckpt, job.bpd_dataset, job.names)

@@ -61,6 +61,10 @@ def get_default_configs() -> ml_collections.ConfigDict:
     # New: seconds to wait for each checkpoint of begin_ckpt..end_ckpt not written yet (by a running
     # training); 0 = do not wait: a missing checkpoint is an error at once.
     evaluate.wait_for_checkpoints_s = 0.
+    # New: the likelihood bound (score_flow's bound_likelihood) in bits/dim beside the ODE bits/dim, on the
+    # bits/dim batches, with bound_num_times Monte-Carlo times per example (score_flow: 1000).
+    evaluate.enable_bound = False
+    evaluate.bound_num_times = 1000
 
     # data
     config.data = data = ml_collections.ConfigDict()

@@ -142,6 +142,7 @@ class EvalMeta:
         ckpt_id: the checkpoint being evaluated.
         loss_done: the eval-set loss of ``ckpt_id`` is written.
         bpd_rounds_done: bits/dim rounds written for ``ckpt_id``.
+        bound_rounds_done: likelihood-bound rounds written for ``ckpt_id`` (0 in meta files from before the bound).
         sampling_rounds_done: sampling rounds written for ``ckpt_id`` (this host).
         metrics_done: IS / FID / KID of ``ckpt_id`` are written.
         rng: the raw PRNG key data (uint32 list) to continue with.
@@ -151,6 +152,7 @@ class EvalMeta:
     rng: list
     loss_done: bool = False
     bpd_rounds_done: int = 0
+    bound_rounds_done: int = 0
     sampling_rounds_done: int = 0
     metrics_done: bool = False
 
@@ -190,19 +192,22 @@ def update_eval_meta(eval_dir: str, host: int, meta: EvalMeta, **changes) -> Eva
 # for them, which parts to compute (each part keeps its own settings), where the data are read,
 # and model fields used only in training (evaluation runs params_ema without dropout).
 FREE_FIELDS = ("eval.begin_ckpt", "eval.end_ckpt", "eval.wait_for_checkpoints_s", "eval.enable_loss",
-               "eval.enable_bpd", "eval.enable_sampling", "data.data_dir", "model.ema_rate", "model.dropout")
+               "eval.enable_bpd", "eval.enable_bound", "eval.enable_sampling", "data.data_dir", "model.ema_rate",
+               "model.dropout")
 # Sections of the config that define an evaluation's numbers (with ``seed``): the data and its
 # dequantisation, the model and its SDE, the samplers and ODE solver, eval.* (batch size,
 # num_samples, bpd_dataset, the feature network and statistics files).
 RESULT_SECTIONS = ("data", "model", "sampling", "eval")
-# Fields of config.training that the evaluation loss depends on.
+# Fields of config.training that the evaluation loss (and the bound: smallest_time) depends on.
 RESULT_TRAINING_FIELDS = ("training.sde", "training.continuous", "training.reduce_mean",
-                          "training.likelihood_weighting")
+                          "training.likelihood_weighting", "training.importance_weighting", "training.smallest_time")
 # Fields (by prefix) that only one part of the evaluation uses: they define results only while the
 # switch of that part is on (the ODE fields serve both bits/dim and the ODE sampler).
 PART_FIELDS = {
     "eval.enable_loss": ("training.", "data.uniform_dequantization"),
     "eval.enable_bpd": ("sampling.ode_", "eval.bpd_dataset"),
+    "eval.enable_bound": ("eval.bound_num_times", "eval.dsm", "eval.offset", "eval.bpd_dataset",
+                          "training.smallest_time"),
     "eval.enable_sampling": ("sampling.", "eval.num_samples", "eval.inception_path", "eval.stats_dir"),
 }
 SETTINGS_FILE = "settings.json"
@@ -334,17 +339,23 @@ def dequantize(images: np.ndarray, seed: tuple) -> np.ndarray:
 
 
 def summarize_checkpoint(eval_dir: str, ckpt: int, bpd_dataset: str, names: Mapping | None) -> dict:
-    """What the files of checkpoint ``ckpt`` in ``eval_dir`` say: loss, bits/dim, IS / FID / KID."""
+    """What the files of checkpoint ``ckpt`` in ``eval_dir`` say: loss, bits/dim, the bound, IS / FID / KID.
+
+    Bits/dim and the bound are means over every per-example value written (data points x repeats),
+    each with its standard error (the bound's covers its Monte-Carlo noise over time and noise too).
+    """
     row: dict = {}
     loss_file = os.path.join(eval_dir, f"ckpt_{ckpt}_loss.npz")
     if os.path.exists(loss_file):
         row["eval loss"] = float(read_npz(loss_file)["mean_loss"])
-    bpd_files = glob.glob(os.path.join(eval_dir, f"{bpd_dataset}_ckpt_{ckpt}_bpd_*.npz"))
-    if bpd_files:
-        bpds = np.concatenate([read_npz(f)["arr_0"].reshape(-1) for f in sorted(bpd_files)])
-        row[f"bits/dim ({bpd_dataset})"] = float(bpds.mean())
-        row["bits/dim std. error"] = float(bpds.std(ddof=1) / np.sqrt(bpds.size)) if bpds.size > 1 else float("nan")
-        row["bits/dim evaluations"] = int(bpds.size)
+    for kind, label in (("bpd", "bits/dim"), ("bound", "bound bits/dim")):
+        files = glob.glob(os.path.join(eval_dir, f"{bpd_dataset}_ckpt_{ckpt}_{kind}_*.npz"))
+        if files:
+            values = np.concatenate([read_npz(f)["arr_0"].reshape(-1) for f in sorted(files)])
+            row[f"{label} ({bpd_dataset})"] = float(values.mean())
+            row[f"{label} std. error"] = (float(values.std(ddof=1) / np.sqrt(values.size)) if values.size > 1
+                                          else float("nan"))
+            row[f"{label} evaluations"] = int(values.size)
     report_file = os.path.join(eval_dir, f"report_{ckpt}.npz")
     if os.path.exists(report_file) and names is not None:
         report = read_npz(report_file)

@@ -56,6 +56,8 @@ def get_config():
     evaluate.inception_path = ml_collections.config_dict.placeholder(str)  # added
     evaluate.stats_dir = ml_collections.config_dict.placeholder(str)  # added
     evaluate.wait_for_checkpoints_s = 0.  # added
+    evaluate.enable_bound = False  # added
+    evaluate.bound_num_times = 1000  # added
 
     # data
     config.data = data = ml_collections.ConfigDict()
