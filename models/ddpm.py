@@ -64,8 +64,9 @@ class DDPM(nn.Module):
         num_resolutions = len(ch_mult)
         attn_resolutions = tuple(m.attn_resolutions)
 
-        attn_block = functools.partial(layers.AttnBlock, normalize=normalize)
-        resnet_block = functools.partial(layers.ResnetBlockDDPM, act=act, normalize=normalize, dropout=m.dropout)
+        attn_block = functools.partial(layers.remat_block(layers.AttnBlock, config), normalize=normalize)
+        resnet_block = functools.partial(layers.remat_block(layers.ResnetBlockDDPM, config, static_argnums=(3,)),
+                                         act=act, normalize=normalize, dropout=m.dropout)
 
         if m.conditional:
             temb = layers.get_timestep_embedding(labels, nf)

@@ -126,6 +126,29 @@ def get_timestep_embedding(timesteps: Array, embedding_dim: int, max_positions: 
     return emb
 
 
+@functools.lru_cache(maxsize=None)
+def _rematerialised(block: type, static_argnums: tuple[int, ...]) -> type:
+    wrapped = nn.remat(block, static_argnums=static_argnums)
+    # Flax names a submodule after its class (``ResnetBlockDDPM_3``); nn.remat would prefix
+    # "Checkpoint". Keeping the block's name keeps the parameter tree, hence checkpoints,
+    # independent of ``config.model.remat``.
+    wrapped.__name__ = wrapped.__qualname__ = block.__name__
+    return wrapped
+
+
+def remat_block(block: type, config, static_argnums: tuple[int, ...] = ()) -> type:
+    """``block`` (a Module class), recomputed in the backward pass if ``config.model.remat``.
+
+    With remat, only the block's inputs are kept for the gradient; its activations are
+    recomputed from them, trading one more forward pass of the block for memory.
+    ``static_argnums`` index ``__call__``'s Python (non-array) arguments, counting ``self`` as 0:
+    ``(3,)`` for ``train`` in ``block(x, temb, train)``. Configs without the field do not remat.
+    """
+    if not config.model.get("remat", False):
+        return block
+    return _rematerialised(block, tuple(static_argnums))
+
+
 def contract_inner(x: Array, y: Array) -> Array:
     """``tensordot(x, y, 1)``: contract the last axis of ``x`` with the first of ``y``."""
     return jnp.tensordot(x, y, axes=1)

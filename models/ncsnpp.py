@@ -110,7 +110,8 @@ class NCSNpp(nn.Module):
 
         temb, used_sigmas = self._time_embedding(time_cond, embedding_type, act)
 
-        attn_block = functools.partial(layerspp.AttnBlockpp, init_scale=init_scale, skip_rescale=skip_rescale)
+        attn_block = functools.partial(layers.remat_block(layerspp.AttnBlockpp, config), init_scale=init_scale,
+                                       skip_rescale=skip_rescale)
         upsample = functools.partial(layerspp.Upsample, with_conv=m.resamp_with_conv, fir=m.fir,
                                      fir_kernel=fir_kernel)
         downsample = functools.partial(layerspp.Downsample, with_conv=m.resamp_with_conv, fir=m.fir,
@@ -119,13 +120,14 @@ class NCSNpp(nn.Module):
                                              with_conv=progressive == "residual")
         pyramid_downsample = functools.partial(layerspp.Downsample, fir=m.fir, fir_kernel=fir_kernel,
                                                with_conv=progressive_input == "residual")
+        # Residual blocks are called as block(x, temb, train): `train` (argument 3) is static under remat.
         if resblock_type == "ddpm":
-            resnet_block = functools.partial(layerspp.ResnetBlockDDPMpp, act=act, dropout=m.dropout,
-                                             init_scale=init_scale, skip_rescale=skip_rescale)
+            resnet_block = functools.partial(layers.remat_block(layerspp.ResnetBlockDDPMpp, config, (3,)), act=act,
+                                             dropout=m.dropout, init_scale=init_scale, skip_rescale=skip_rescale)
         else:
-            resnet_block = functools.partial(layerspp.ResnetBlockBigGANpp, act=act, dropout=m.dropout, fir=m.fir,
-                                             fir_kernel=fir_kernel, init_scale=init_scale,
-                                             skip_rescale=skip_rescale)
+            resnet_block = functools.partial(layers.remat_block(layerspp.ResnetBlockBigGANpp, config, (3,)),
+                                             act=act, dropout=m.dropout, fir=m.fir, fir_kernel=fir_kernel,
+                                             init_scale=init_scale, skip_rescale=skip_rescale)
 
         if not config.data.centered:
             x = 2 * x - 1.0  # data in [0, 1] -> [-1, 1]

@@ -38,7 +38,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 import ml_collections
 
-from models.layers import get_act
+from models.layers import get_act, remat_block
 from models.ncsn_layers import (CondRefineBlock, ConditionalResidualBlock, RefineBlock, ResidualBlock,
                                 ncsn_conv3x3)
 from models.ncsn_normalization import get_normalization
@@ -103,21 +103,27 @@ class _RefineNet(nn.Module):
         interpolation = config.model.interpolation
 
         if self.conditional:
+            residual_block = remat_block(ConditionalResidualBlock, config)
+            refine_block = remat_block(CondRefineBlock, config)
+
             def residual(h, features, resample, dilation):
-                return ConditionalResidualBlock(features, normalizer, resample, act, dilation)(h, labels)
+                return residual_block(features, normalizer, resample, act, dilation)(h, labels)
 
             def refine(hs, features, start, end):
-                return CondRefineBlock(hs[0].shape[1:3], features, normalizer, act, interpolation, start, end)(
+                return refine_block(hs[0].shape[1:3], features, normalizer, act, interpolation, start, end)(
                     hs, labels)
 
             def normalize(h):
                 return normalizer()(h, labels)
         else:
+            residual_block = remat_block(ResidualBlock, config)
+            refine_block = remat_block(RefineBlock, config)
+
             def residual(h, features, resample, dilation):
-                return ResidualBlock(features, normalizer, resample, act, dilation)(h)
+                return residual_block(features, normalizer, resample, act, dilation)(h)
 
             def refine(hs, features, start, end):
-                return RefineBlock(hs[0].shape[1:3], features, act, interpolation, start, end)(hs)
+                return refine_block(hs[0].shape[1:3], features, act, interpolation, start, end)(hs)
 
             def normalize(h):
                 return normalizer()(h)
