@@ -87,6 +87,10 @@ def get_default_configs() -> ml_collections.ConfigDict:
     model.beta_max = 20.
     model.dropout = 0.
     model.embedding_type = 'fourier'
+    # new (issue 16): recompute each residual / attention block in the backward pass (less memory, same
+    # gradients), and the network's compute dtype ('bfloat16': mixed precision, parameters stay float32)
+    model.remat = False
+    model.dtype = 'float32'
 
     # optimization
     config.optim = optim = ml_collections.ConfigDict()

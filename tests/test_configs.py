@@ -183,6 +183,7 @@ NEW_FIELDS = {'sampling.ode_solver', 'sampling.ode_rtol', 'sampling.ode_atol', '
     f'sampling.{option}' for option in ('steps', 'order', 'eta', 'churn', 'rho', 'time_schedule', 'lower_order_final',
                                         'adaptive_rtol', 'adaptive_atol', 'denoise_to_zero', 'num_samples', 'ckpt')}
 NEW_FIELDS |= {'eval.enable_bound', 'eval.bound_num_times'}  # issue 15: the likelihood bound in --mode eval
+NEW_FIELDS |= {'model.remat', 'model.dtype'}  # issue 16: rematerialisation and mixed precision
 STANDALONE_ADDED = NEW_FIELDS | {'training.n_jitted_steps', 'eval.enable_sampling', 'eval.enable_loss',
                                  'eval.enable_bpd', 'eval.bpd_dataset', 'model.beta_min', 'model.beta_max'}
 ADDED = {'ve/celebahq_ncsnpp_continuous.py': STANDALONE_ADDED, 've/ffhq_ncsnpp_continuous.py': STANDALONE_ADDED,

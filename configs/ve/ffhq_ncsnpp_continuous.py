@@ -102,6 +102,8 @@ def get_config():
     model.fourier_scale = 16
     model.conv_size = 3
     model.embedding_type = 'fourier'
+    model.remat = False  # new: see configs/default_cifar10_configs.py
+    model.dtype = 'float32'  # new: see configs/default_cifar10_configs.py
 
     # optim
     config.optim = optim = ml_collections.ConfigDict()
