@@ -766,7 +766,7 @@ def _eval_loss(job: _EvalJob, ckpt: int, pstate, meta):
         batch = _host_rows(job.scaler(batch), job.per_device)[:, None]
         rng, keys = device_keys(rng)
         _, p_eval_loss = job.p_eval_step((keys, pstate), {"image": batch})
-        all_losses.extend(np.asarray(parallel.unreplicate(p_eval_loss)).reshape(-1))
+        all_losses.extend(parallel.unreplicate_to_host(p_eval_loss).reshape(-1))
     all_losses = np.asarray(all_losses)
     if parallel.is_main_process():
         eval_records.write_npz(os.path.join(job.eval_dir, f"ckpt_{ckpt}_loss.npz"), all_losses=all_losses,

@@ -113,6 +113,22 @@ def unreplicate(tree: Any) -> Any:
     return jax.tree_util.tree_map(lambda x: x[0], tree)
 
 
+def unreplicate_to_host(tree: Any) -> Any:
+    """One replica of a replicated pytree as host numpy arrays (the leading device axis removed).
+
+    Copies the first local device's shard of each leaf: unlike ``device_get(unreplicate(tree))``
+    this compiles nothing (``x[0]`` compiles a slicing program for every distinct leaf shape, some
+    thirty for a State) and transfers one replica, not all of them.
+    """
+
+    def first(x):
+        if not isinstance(x, jax.Array):
+            return np.asarray(x)[0]
+        return np.asarray(x.addressable_shards[0].data).reshape(x.shape[1:])
+
+    return jax.tree_util.tree_map(first, tree)
+
+
 def shard(batch: Any) -> Any:
     """Reshape arrays ``(global_local_batch, ...)`` to ``(local_devices, per_device, ...)``."""
     n = local_device_count()
