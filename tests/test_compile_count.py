@@ -12,8 +12,11 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
+import json
 import os
 import pathlib
+import subprocess
+import sys
 import traceback
 
 import jax
@@ -71,6 +74,11 @@ def counting_compiles():
         jax.monitoring.unregister_event_duration_listener(listener)
 
 
+def _listing(compiles: list[Compile]) -> str:
+    """``'2 x jit(squeeze) at parallel.py:<lambda> (x[0]); ...'``: each distinct compile once, with its count."""
+    return "; ".join(f"{n} x {c}" for c, n in collections.Counter(str(c) for c in compiles).items())
+
+
 def _check(compiles: list[Compile], programs: dict[str, str], helpers: dict[str, int]) -> dict[str, int]:
     """Fail unless each of ``programs`` compiled exactly once and the rest stay within ``helpers``.
 
@@ -91,10 +99,10 @@ def _check(compiles: list[Compile], programs: dict[str, str], helpers: dict[str,
         label = next((label for label, call in programs.items() if any(call in line for line in c.calls)), c.site)
         counts[label] += 1
         by_key[label].append(c)
-    problems = [f"{label} compiled {counts[label]} times, expected once: {[str(c) for c in by_key[label]]}"
+    problems = [f"{label} compiled {counts[label]} times, expected once: {_listing(by_key[label])}"
                 for label in programs if counts[label] != 1]
     problems += [f"{counts[key]} program(s) compiled at {key}, expected at most {helpers.get(key, 0)}: "
-                 f"{[str(c) for c in by_key[key]]}"
+                 f"{_listing(by_key[key])}"
                  for key in by_key if key not in programs and counts[key] > helpers.get(key, 0)]
     assert not problems, "Unexpected compilation:\n" + "\n".join(problems)
     return dict(counts)
@@ -168,3 +176,31 @@ def test_training_batches_never_shrink():
     for ds in (train_ds, eval_ds):
         shapes = {tuple(np.shape(example["image"])) for example in ds.take(40).as_numpy_iterator()}
         assert shapes == {(1, 1, 8, 8, 8, 1)}, shapes
+
+
+UNREPLICATE_SCRIPT = """
+import json, jax, numpy as np
+from score_sde import parallel
+compiles = []
+step = parallel.pmap(lambda t: jax.tree_util.tree_map(lambda x: x * 2, t))
+tree = step(parallel.replicate({"w": np.arange(6.0, dtype=np.float32).reshape(2, 3), "step": np.int32(4)}))
+jax.monitoring.register_event_duration_secs_listener(
+    lambda event, secs, **kw: compiles.append(kw.get("fun_name")) if event == "%s" else None)
+host = parallel.unreplicate_to_host(tree)
+print(json.dumps({"devices": jax.local_device_count(), "compiles": compiles, "types": [type(x).__name__ for x in
+                  jax.tree_util.tree_leaves(host)], "w": host["w"].tolist(), "step": int(host["step"]),
+                  "dtypes": [str(x.dtype) for x in jax.tree_util.tree_leaves(host)]}))
+""" % COMPILE_EVENT
+
+
+def test_unreplicate_to_host_compiles_nothing_on_two_devices():
+    """One replica on the host, the device axis removed, dtypes kept, and no program compiled."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT), XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    out = subprocess.run([sys.executable, "-c", UNREPLICATE_SCRIPT], cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["devices"] == 2
+    assert result["compiles"] == []
+    assert result["types"] == ["ndarray", "ndarray"] and result["dtypes"] == ["int32", "float32"]
+    assert result["step"] == 8 and result["w"] == [[0.0, 2.0, 4.0], [6.0, 8.0, 10.0]]
