@@ -52,7 +52,8 @@ class DDPM(nn.Module):
             train: enables dropout (needs a ``'dropout'`` rng).
 
         Returns:
-            (B, H, W, C) network output (ε-prediction; divided by σ if ``scale_by_sigma``).
+            (B, H, W, C) float32 network output (ε-prediction; divided by σ if ``scale_by_sigma``),
+            computed in ``config.model.dtype``.
         """
         config = self.config
         m = config.model
@@ -68,14 +69,16 @@ class DDPM(nn.Module):
         resnet_block = functools.partial(layers.remat_block(layers.ResnetBlockDDPM, config, static_argnums=(3,)),
                                          act=act, normalize=normalize, dropout=m.dropout)
 
+        dtype = mutils.compute_dtype(config)
         if m.conditional:
-            temb = layers.get_timestep_embedding(labels, nf)
-            temb = nn.Dense(nf * 4, kernel_init=layers.default_init())(temb)
-            temb = nn.Dense(nf * 4, kernel_init=layers.default_init())(act(temb))
+            temb = layers.get_timestep_embedding(labels, nf).astype(dtype)  # the sines in float32
+            temb = nn.Dense(nf * 4, kernel_init=layers.default_init(), dtype=dtype)(temb)
+            temb = nn.Dense(nf * 4, kernel_init=layers.default_init(), dtype=dtype)(act(temb))
         else:
             temb = None
 
         h = x if config.data.centered else 2 * x - 1.0  # data in [0, 1] -> [-1, 1]
+        h = h.astype(dtype)  # every layer computes in its input's dtype
 
         # Downsampling path.
         hs = [layers.ddpm_conv3x3(h, nf)]
@@ -103,7 +106,7 @@ class DDPM(nn.Module):
                 h = layers.Upsample(with_conv=m.resamp_with_conv)(h)
 
         h = act(normalize()(h))
-        h = layers.ddpm_conv3x3(h, x.shape[-1], init_scale=0.0)
+        h = layers.ddpm_conv3x3(h, x.shape[-1], init_scale=0.0).astype(jnp.float32)
 
         if m.scale_by_sigma:
             # Divide by σ (NCSN-style training); the DDPM loss handles σ itself.

@@ -72,9 +72,10 @@ def _pytorch_init(kernel_shape: tuple, init_scale: float) -> tuple[Callable, Cal
 
 def _conv(x: Array, out_planes: int, size: int, stride: int, bias: bool, dilation: int,
           kernel_init: Callable, bias_init: Callable) -> Array:
+    # Computes in the input's dtype (bfloat16 activations: mixed precision); parameters stay float32.
     return nn.Conv(out_planes, kernel_size=(size, size), strides=(stride, stride), padding="SAME",
                    use_bias=bias, kernel_dilation=(dilation, dilation), kernel_init=kernel_init,
-                   bias_init=bias_init)(x)
+                   bias_init=bias_init, dtype=x.dtype)(x)
 
 
 def ncsn_conv1x1(x: Array, out_planes: int, stride: int = 1, bias: bool = True, dilation: int = 1,
@@ -157,7 +158,7 @@ def contract_inner(x: Array, y: Array) -> Array:
 class NIN(nn.Module):
     """Network-in-network: a per-pixel linear map over channels (a 1×1 conv).
 
-    Parameters ``W`` (Cin, num_units) and ``b`` (num_units,).
+    Parameters ``W`` (Cin, num_units) and ``b`` (num_units,), float32; computes in ``x``'s dtype.
     """
 
     num_units: int
@@ -168,7 +169,7 @@ class NIN(nn.Module):
         """x: (..., Cin) -> (..., num_units)."""
         w = self.param("W", default_init(scale=self.init_scale), (x.shape[-1], self.num_units))
         b = self.param("b", nn.initializers.zeros, (self.num_units,))
-        return contract_inner(x, w) + b
+        return contract_inner(x, w.astype(x.dtype)) + b.astype(x.dtype)
 
 
 def spatial_self_attention(q: Array, k: Array, v: Array) -> Array:
@@ -179,13 +180,14 @@ def spatial_self_attention(q: Array, k: Array, v: Array) -> Array:
 
     Returns:
         (B, H, W, C): for each pixel, the softmax(q·k / √C)-weighted mean of ``v`` over
-        all H·W pixels.
+        all H·W pixels, in ``v``'s dtype (the softmax itself runs in float32 or wider).
     """
     b, h, w, c = q.shape
     q = q.reshape(b, h * w, c) * (c ** -0.5)
     k = k.reshape(b, h * w, c)
     v = v.reshape(b, h * w, c)
-    weights = jax.nn.softmax(jnp.einsum("bic,bjc->bij", q, k), axis=-1)
+    logits = jnp.einsum("bic,bjc->bij", q, k)
+    weights = jax.nn.softmax(logits.astype(jnp.promote_types(logits.dtype, jnp.float32)), axis=-1).astype(v.dtype)
     return jnp.einsum("bij,bjc->bic", weights, v).reshape(b, h, w, c)
 
 
@@ -269,7 +271,7 @@ class ResnetBlockDDPM(nn.Module):
         out_ch = self.out_ch if self.out_ch else channels
         h = ddpm_conv3x3(self.act(self.normalize()(x)), out_ch)
         if temb is not None:
-            h = h + nn.Dense(out_ch, kernel_init=default_init())(self.act(temb))[:, None, None, :]
+            h = h + nn.Dense(out_ch, kernel_init=default_init(), dtype=h.dtype)(self.act(temb))[:, None, None, :]
         h = self.act(self.normalize()(h))
         h = nn.Dropout(self.dropout)(h, deterministic=not train)
         h = ddpm_conv3x3(h, out_ch, init_scale=0.0)

@@ -24,7 +24,7 @@ conv3x3 = layers.ddpm_conv3x3
 NIN = layers.NIN
 default_init = layers.default_init
 
-_INV_SQRT2 = 1.0 / np.sqrt(2.0)
+_INV_SQRT2 = float(1.0 / np.sqrt(2.0))  # a Python float: keeps bfloat16 activations bfloat16
 
 
 def group_norm(channels: int) -> GroupNorm:
@@ -159,7 +159,7 @@ class ResnetBlockDDPMpp(nn.Module):
         out_ch = self.out_ch if self.out_ch else channels
         h = conv3x3(self.act(group_norm(channels)(x)), out_ch)
         if temb is not None:
-            h = h + nn.Dense(out_ch, kernel_init=default_init())(self.act(temb))[:, None, None, :]
+            h = h + nn.Dense(out_ch, kernel_init=default_init(), dtype=h.dtype)(self.act(temb))[:, None, None, :]
         h = self.act(group_norm(out_ch)(h))
         h = nn.Dropout(self.dropout)(h, deterministic=not train)
         h = conv3x3(h, out_ch, init_scale=self.init_scale)
@@ -211,7 +211,7 @@ class ResnetBlockBigGANpp(nn.Module):
         h, x = self._resample(h), self._resample(x)
         h = conv3x3(h, out_ch)
         if temb is not None:
-            h = h + nn.Dense(out_ch, kernel_init=default_init())(self.act(temb))[:, None, None, :]
+            h = h + nn.Dense(out_ch, kernel_init=default_init(), dtype=h.dtype)(self.act(temb))[:, None, None, :]
         h = self.act(group_norm(out_ch)(h))
         h = nn.Dropout(self.dropout)(h, deterministic=not train)
         h = conv3x3(h, out_ch, init_scale=self.init_scale)

@@ -55,8 +55,8 @@ class NCSNpp(nn.Module):
 
     config: ml_collections.ConfigDict
 
-    def _time_embedding(self, time_cond: Array, embedding_type: str, act) -> tuple[Array | None, Array | None]:
-        """The conditioning vector (B, 4·nf) or None, and σ per image for ``scale_by_sigma``."""
+    def _time_embedding(self, time_cond: Array, embedding_type: str, act, dtype) -> tuple[Array | None, Array | None]:
+        """The conditioning vector (B, 4·nf) in ``dtype`` or None, and σ per image for ``scale_by_sigma``."""
         config = self.config
         nf = config.model.nf
         if embedding_type == "fourier":
@@ -73,8 +73,9 @@ class NCSNpp(nn.Module):
             temb = layers.get_timestep_embedding(time_cond, nf)
         if not config.model.conditional:
             return None, used_sigmas
-        temb = nn.Dense(nf * 4, kernel_init=layers.default_init())(temb)
-        temb = nn.Dense(nf * 4, kernel_init=layers.default_init())(act(temb))
+        temb = temb.astype(dtype)  # the sines in float32: their arguments reach hundreds of radians
+        temb = nn.Dense(nf * 4, kernel_init=layers.default_init(), dtype=dtype)(temb)
+        temb = nn.Dense(nf * 4, kernel_init=layers.default_init(), dtype=dtype)(act(temb))
         return temb, used_sigmas
 
     @nn.compact
@@ -88,8 +89,8 @@ class NCSNpp(nn.Module):
             train: enables dropout (needs a ``'dropout'`` rng).
 
         Returns:
-            (B, H, W, C): the network output (the score for VE models; for VP models
-            ``get_score_fn`` rescales it by -1/std).
+            (B, H, W, C) float32: the network output (the score for VE models; for VP models
+            ``get_score_fn`` rescales it by -1/std). The network computes in ``config.model.dtype``.
         """
         config = self.config
         m = config.model
@@ -108,7 +109,8 @@ class NCSNpp(nn.Module):
         fir_kernel = tuple(m.fir_kernel)
         skip_rescale, init_scale = m.skip_rescale, m.init_scale
 
-        temb, used_sigmas = self._time_embedding(time_cond, embedding_type, act)
+        dtype = mutils.compute_dtype(config)
+        temb, used_sigmas = self._time_embedding(time_cond, embedding_type, act, dtype)
 
         attn_block = functools.partial(layers.remat_block(layerspp.AttnBlockpp, config), init_scale=init_scale,
                                        skip_rescale=skip_rescale)
@@ -131,6 +133,7 @@ class NCSNpp(nn.Module):
 
         if not config.data.centered:
             x = 2 * x - 1.0  # data in [0, 1] -> [-1, 1]
+        x = x.astype(dtype)  # every layer computes in its input's dtype
         out_channels = x.shape[-1]
 
         # Downsampling path.
@@ -194,6 +197,7 @@ class NCSNpp(nn.Module):
         else:
             h = conv3x3(act(group_norm(h.shape[-1])(h)), out_channels, init_scale=init_scale)
 
+        h = h.astype(jnp.float32)
         if m.scale_by_sigma:
             h = h / used_sigmas.reshape((-1, 1, 1, 1))
         return h

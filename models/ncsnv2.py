@@ -42,7 +42,7 @@ from models.layers import get_act, remat_block
 from models.ncsn_layers import (CondRefineBlock, ConditionalResidualBlock, RefineBlock, ResidualBlock,
                                 ncsn_conv3x3)
 from models.ncsn_normalization import get_normalization
-from models.utils import get_sigmas, register_model
+from models.utils import compute_dtype, get_sigmas, register_model
 
 Array = Any
 
@@ -97,6 +97,9 @@ class _RefineNet(nn.Module):
         config = self.config
         downsampling = 2 ** sum(1 for i, (_, dilation) in enumerate(self.stages) if i and dilation == 1)
         check_input(x, config, self.registered_name, downsampling)
+        if compute_dtype(config) != jnp.float32:
+            raise ValueError(f"{self.registered_name}: config.model.dtype={config.model.dtype!r} is implemented for "
+                             "the ncsnpp and ddpm models only; set config.model.dtype='float32'.")
         nf = config.model.nf
         act = get_act(config)
         normalizer = get_normalization(config, conditional=self.conditional)

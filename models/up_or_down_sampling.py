@@ -93,7 +93,7 @@ def upfirdn_2d(x: Array, k, upx: int = 1, upy: int = 1, downx: int = 1, downy: i
             if flipped[i, j] == 0:
                 continue
             view = x[:, i:i + (out_h - 1) * downy + 1:downy, j:j + (out_w - 1) * downx + 1:downx, :]
-            term = view * flipped[i, j]
+            term = view * float(flipped[i, j])  # a Python float keeps x's dtype (bfloat16 stays bfloat16)
             out = term if out is None else out + term
     if out is None:
         out = jnp.zeros((n, out_h, out_w, c), x.dtype)
@@ -255,7 +255,9 @@ class Conv2d(nn.Module):
         if self.kernel < 1 or self.kernel % 2 != 1:
             raise ValueError(f"Conv2d: kernel must be a positive odd size, got {self.kernel}.")
         kernel_init = self.kernel_init or nn.initializers.lecun_normal()
+        # float32 parameters; the convolution runs in x's dtype (mixed precision)
         w = self.param(self.weight_var, kernel_init, (self.kernel, self.kernel, x.shape[-1], self.fmaps))
+        w = w.astype(x.dtype)
         if self.up:
             x = upsample_conv_2d(x, w, k=self.resample_kernel)
         elif self.down:
@@ -264,5 +266,5 @@ class Conv2d(nn.Module):
             x = jax.lax.conv_general_dilated(x, w, window_strides=(1, 1), padding="SAME",
                                              dimension_numbers=("NHWC", "HWIO", "NHWC"))
         if self.use_bias:
-            x = x + self.param("bias", nn.initializers.zeros, (x.shape[-1],))
+            x = x + self.param("bias", nn.initializers.zeros, (x.shape[-1],)).astype(x.dtype)
         return x

@@ -6,6 +6,7 @@ sampling.
 """
 from __future__ import annotations
 
+import copy
 import functools
 import os
 from typing import Any, Callable
@@ -94,6 +95,33 @@ def get_ddpm_params(config) -> dict:
         "beta_max": beta_end * (num_diffusion_timesteps - 1),
         "num_diffusion_timesteps": num_diffusion_timesteps,
     }
+
+
+COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+"""Values of ``config.model.dtype``: the dtype the network computes in (parameters are always float32)."""
+
+
+def compute_dtype(config) -> jnp.dtype:
+    """The network's compute dtype, ``config.model.dtype`` (float32 when the config has no such field).
+
+    With ``'bfloat16'`` the convolutions, dense layers and attention run in bfloat16 on float32
+    parameters (cast where used, so gradients, optimizer state and EMA stay float32); normalisation
+    statistics, the softmax and the time embedding's sines stay float32 and the output is float32.
+    """
+    name = config.model.get("dtype", "float32")
+    if name not in COMPUTE_DTYPES:
+        raise ValueError(f"config.model.dtype={name!r} is not supported; choose one of {list(COMPUTE_DTYPES)}.")
+    return COMPUTE_DTYPES[name]
+
+
+def float32_model(model):
+    """``model`` computing in float32 whatever its ``config.model.dtype``: same parameters, same outputs up to
+    the rounding of bfloat16 (for samplers and bits/dim, which integrate many network evaluations)."""
+    if model.config.model.get("dtype", "float32") == "float32":
+        return model
+    config = copy.deepcopy(model.config)
+    config.model.dtype = "float32"
+    return model.clone(config=config)
 
 
 def model_input_shape(config, batch_size: int = 1) -> tuple:

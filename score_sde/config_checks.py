@@ -28,7 +28,8 @@ _MISSING = object()
 MODES = ('train', 'eval')
 """Modes of ``main.py --mode``."""
 
-DATASETS = ('CIFAR10', 'SVHN', 'CELEBA', 'LSUN', 'FFHQ', 'CelebAHQ', 'DIGITS', 'FASHION_MNIST', 'GMM')
+DATASETS = ('CIFAR10', 'SVHN', 'CELEBA', 'LSUN', 'FFHQ', 'CelebAHQ', 'DIGITS', 'FASHION_MNIST', 'GMM',
+            'ImageNet')
 """Values accepted for ``config.data.dataset`` (exact spelling, as ``score_sde.datasets`` compares them)."""
 
 
@@ -89,6 +90,7 @@ _CHOICES: tuple[_Choice, ...] = (
     _Choice('sampling.predictor', _predictors),
     _Choice('sampling.corrector', _correctors),
     _Choice('sampling.ode_solver', lambda: ('jax', 'scipy'), required=False),
+    _Choice('model.dtype', lambda: ('float32', 'bfloat16'), required=False),  # models.utils.COMPUTE_DTYPES
     _Choice('data.dataset', lambda: DATASETS),
 )
 
@@ -200,7 +202,7 @@ SAFE_TO_CHANGE = (
     'training.n_iters', 'training.batch_size', 'training.n_jitted_steps', 'training.log_freq', 'training.eval_freq',
     'training.snapshot_freq', 'training.snapshot_freq_for_preemption', 'training.snapshot_sampling',
     'optim.lr', 'optim.warmup', 'optim.grad_clip', 'optim.weight_decay', 'optim.beta1', 'optim.eps',
-    'model.ema_rate', 'data.data_dir', 'sampling', 'eval',
+    'model.ema_rate', 'model.remat', 'model.dtype', 'data.data_dir', 'sampling', 'eval',
 )
 """Fields (or whole sections) that may differ between the runs of one training workdir.
 

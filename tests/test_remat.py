@@ -64,7 +64,9 @@ def _block_names(params) -> set:
     return {name for name in params if any(block in name for block in BLOCKS)}
 
 
-@pytest.mark.parametrize("model", MODELS)
+# Gradients on one model per block family (the others' blocks are wrapped by the same helper; the test
+# below checks that every block is); each case compiles two backward passes.
+@pytest.mark.parametrize("model", ["ncsnpp_biggan", "ddpm"])
 def test_remat_keeps_parameters_and_gradients(model):
     _, _, params = _init(tiny_config(model, remat=False))
     shapes = jax.tree_util.tree_map(jnp.shape, flax.core.unfreeze(params))
