@@ -39,7 +39,7 @@ import sampling
 import sde_lib
 from models import utils as mutils
 from score_sde import checkpoints, config_checks, datasets, eval_records, inception, metrics, ode, parallel, reporting
-from score_sde import tables as tables_lib
+from score_sde import sample_plots
 
 
 class TrainingDivergedError(FloatingPointError):
@@ -1254,5 +1254,8 @@ def tables(config, workdir: str) -> dict:
     Resumable: finished cells stored in ``tables.json`` are not recomputed. See ``score_sde.tables``
     and docs/tables.md.
     """
+    # Imported here: score_sde.tables builds an SDE when imported, which compiles four programs in every job.
+    from score_sde import tables as tables_lib  # noqa: PLC0415
+
     return tables_lib.run(config, workdir)
 
