@@ -39,7 +39,6 @@ import sampling
 import sde_lib
 from models import utils as mutils
 from score_sde import checkpoints, config_checks, datasets, eval_records, inception, metrics, ode, parallel, reporting
-from score_sde import sample_plots
 
 
 class TrainingDivergedError(FloatingPointError):
