@@ -6,11 +6,13 @@ Every dataset yields dicts ``{'image': float32, 'label': int64 or None}`` batche
 
 Datasets (``config.data.dataset``):
 
-- ``CIFAR10``, ``SVHN``, ``CELEBA``, ``LSUN`` (``config.data.category``): tensorflow-datasets,
-  with the original's crops and resizes. ``config.data.data_dir`` (optional) is the tfds data
-  directory. An unprepared dataset is prepared from ``<data_dir>/downloads/manual/`` when the
-  files tfds would download are there, downloaded when their host answers, and otherwise stops
-  at once with a message saying how to provide it (tfds itself would retry for minutes).
+- ``CIFAR10``, ``SVHN``, ``CELEBA``, ``LSUN`` (``config.data.category``), ``ImageNet`` (score_flow's
+  ``downsampled_imagenet/32x32`` or ``64x64`` by ``config.data.image_size``; train / validation, no
+  labels): tensorflow-datasets, with the original's crops and resizes. ``config.data.data_dir``
+  (optional) is the tfds data directory. An unprepared dataset is prepared from
+  ``<data_dir>/downloads/manual/`` when the files tfds would download are there, downloaded when
+  their host answers, and otherwise stops at once with a message saying how to provide it (tfds
+  itself would retry for minutes).
   CIFAR-10 can also be read straight from ``cifar-10-binary.tar.gz`` by :func:`read_cifar10_binary`
   (``data_dir`` set to the tarball, or the tarball placed directly in ``data_dir``).
 - ``FFHQ``, ``CelebAHQ``: TFRecords of ``{'shape': [C, H, W], 'data': raw uint8}`` at
@@ -55,7 +57,9 @@ _TFDS_DATASETS = {
     "SVHN": ("svhn_cropped", "train", "test"),
     "CELEBA": ("celeb_a", "train", "validation"),
     "LSUN": ("lsun/{category}", "train", "validation"),
+    "ImageNet": ("downsampled_imagenet/{size}", "train", "validation"),
 }
+_IMAGENET_SIZES = (32, 64)  # the resolutions tfds' downsampled_imagenet has
 
 
 class DatasetUnavailableError(RuntimeError):
@@ -321,6 +325,8 @@ def _needed_downloads(builder: tfds.core.DatasetBuilder, category: str | None) -
     if category is not None:
         files = {url: name for url, name in files.items()
                  if name.startswith(f"{category}_") or name == f"{category}.zip"}
+    if builder.name == "downsampled_imagenet":  # url_infos lists every resolution's tarballs
+        files = {url: name for url, name in files.items() if name.endswith(f"_{builder.builder_config.name}.tar")}
     return files
 
 
@@ -351,6 +357,11 @@ def _unavailable_message(dataset: str, name: str, builder: tfds.core.DatasetBuil
             f"https://www.cs.toronto.edu/~kriz/cifar.html; the python version is pickle-based and not read) "
             f"directly in {root}/, or set config.data.data_dir to the tarball itself; score_sde's own reader "
             "then loads it without preparing anything.")
+    if dataset == "ImageNet":
+        lines.append(
+            f"  ImageNet: tfds fetches {' and '.join(files.values())} from http://image-net.org/small/; where that "
+            "fails, get these tarballs (van den Oord et al.'s downsampled ImageNet; ImageNet's terms apply) "
+            "elsewhere and use way 2.")
     return "\n".join(lines)
 
 
@@ -466,7 +477,10 @@ def get_dataset(config, additional_dim: int | None = None, uniform_dequantizatio
         if dataset in _TFDS_DATASETS:
             name, train_split, eval_split = _TFDS_DATASETS[dataset]
             category = config.data.category if dataset == "LSUN" else None
-            name = name.format(category=category)
+            if dataset == "ImageNet" and resolution not in _IMAGENET_SIZES:
+                raise ValueError(f"config.data.image_size = {resolution}: tfds' downsampled_imagenet has "
+                                 f"{' and '.join(f'{r}x{r}' for r in _IMAGENET_SIZES)} only.")
+            name = name.format(category=category, size=f"{resolution}x{resolution}")
             source = _tfds_source(dataset, name, data_dir, category)
         elif dataset == "DIGITS":
             images, labels = load_digits()
