@@ -204,3 +204,43 @@ def test_unreplicate_to_host_compiles_nothing_on_two_devices():
     assert result["compiles"] == []
     assert result["types"] == ["ndarray", "ndarray"] and result["dtypes"] == ["int32", "float32"]
     assert result["step"] == 8 and result["w"] == [[0.0, 2.0, 4.0], [6.0, 8.0, 10.0]]
+
+
+def _print_audit(title: str, compiles: list[Compile]) -> None:
+    print(f"\n{title}: {len(compiles)} compilation(s)")
+    for (name, site), n in collections.Counter((c.name, c.site) for c in compiles).items():
+        print(f"  {n:3d}  {name:28s} {site}")
+
+
+def main() -> None:
+    """Print what each job compiles (docs/performance.md): ``python -m tests.test_compile_count``.
+
+    The training run and loss evaluation of the test; bits/dim over the 5 rounds of checkpoint 2
+    (one batch of 296 test digits, rtol = atol = 1e-3); ``--mode sample`` with DDIM (3 batches).
+    """
+    import tempfile  # noqa: PLC0415
+
+    config = _config()
+    with tempfile.TemporaryDirectory() as root:
+        workdir = os.path.join(root, "workdir")
+        for title, job in (("train", lambda: run_lib.train(config, workdir)),
+                           ("eval: loss, checkpoints 1-2", lambda: run_lib.evaluate(config, workdir))):
+            with counting_compiles() as compiles:
+                job()
+            _print_audit(title, compiles)
+        bpd = _config()
+        bpd.eval.begin_ckpt, bpd.eval.enable_loss, bpd.eval.enable_bpd, bpd.eval.batch_size = 2, False, True, 296
+        bpd.sampling.ode_rtol = bpd.sampling.ode_atol = 1e-3
+        with counting_compiles() as compiles:
+            run_lib.evaluate(bpd, workdir, eval_folder="eval_bpd")
+        _print_audit("eval: bits/dim, 5 rounds of checkpoint 2", compiles)
+        sample = _config()
+        sample.eval.batch_size, sample.sampling.num_samples = 4, 10
+        sample.sampling.method, sample.sampling.steps = "ddim", 3
+        with counting_compiles() as compiles:
+            run_lib.sample(sample, workdir)
+        _print_audit("sample: DDIM, 3 batches of 4, and the reverse-process GIF", compiles)
+
+
+if __name__ == "__main__":
+    main()
