@@ -369,7 +369,9 @@ def _train(config, workdir, changes, sample_dir, tb_dir, checkpoint_dir, checkpo
 
         sampling_shape = (config.training.batch_size // parallel.device_count(), config.data.image_size,
                           config.data.image_size, config.data.num_channels)
-        sampling_fn = sampling.get_sampling_fn(config, sde, model, sampling_shape, inverse_scaler, sampling_eps)
+        # Snapshots sample in float32 even when training computes in bfloat16 (config.model.dtype).
+        sampling_fn = sampling.get_sampling_fn(config, sde, mutils.float32_model(model), sampling_shape,
+                                               inverse_scaler, sampling_eps)
 
     num_params = sum(int(np.size(x)) for x in jax.tree_util.tree_leaves(state.params))
     pstate = parallel.replicate(state)
@@ -492,10 +494,12 @@ def eval_state_template(config, rng: jax.Array):
     """``(model, state)``: the model of ``config`` and a zero State with its structure, shapes and dtypes.
 
     Enough to restore a checkpoint into (ours or the original's); the initialisation is only
-    traced (``jax.eval_shape``), which is much faster than running it.
+    traced (``jax.eval_shape``), which is much faster than running it. The model computes in float32
+    whatever ``config.model.dtype`` (the training compute dtype): evaluation and sampling stay float32.
     """
     shapes = jax.eval_shape(lambda key: losses.init_train_state(key, config)[1], rng)
-    return mutils.create_model(config), jax.tree_util.tree_map(lambda s: np.zeros(s.shape, s.dtype), shapes)
+    model = mutils.float32_model(mutils.create_model(config))
+    return model, jax.tree_util.tree_map(lambda s: np.zeros(s.shape, s.dtype), shapes)
 
 
 # ---- checks made before anything is computed or written ----------------------------------------
