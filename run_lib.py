@@ -39,6 +39,7 @@ import sampling
 import sde_lib
 from models import utils as mutils
 from score_sde import checkpoints, config_checks, datasets, eval_records, inception, metrics, ode, parallel, reporting
+from score_sde import sample_plots
 
 
 class TrainingDivergedError(FloatingPointError):
@@ -1085,38 +1086,34 @@ GIF_IMAGES = 16
 GIF_FRAMES = 10
 
 
-def _reverse_process_frames(config, sde, model, state, sampling_eps: float, shape) -> list[np.ndarray] | None:
-    """Frames of the deterministic DDIM path from noise to data, ``(GIF_IMAGES, H, W, C)`` each, or None.
-
-    Only for ``sampling.method = 'ddim'`` with ``eta = 0`` and the ``'time_uniform'`` schedule: the
-    first ``k`` of its ``N`` steps from ``T`` to ``eps`` are exactly the ``k`` uniform steps from ``T``
-    to ``t_k = T + (k/N)(eps - T)``, so frame ``k`` is one DDIM call (one compiled program, ``k`` traced).
-    """
-    import fast_sampling  # noqa: PLC0415 (only this GIF calls a sampler at the score level)
-
-    if config.sampling.method.lower() != "ddim":
+def _recording(config, shape):
+    """What the sampler records of its path (``fast_sampling.Recording``): the GIF's first images, or
+    for 2-D data the plotted paths; None for 'ode', whose adaptive solver keeps no intermediate states."""
+    if not sampling.records_path(config.sampling.method):
+        logging.info("No reverse_process.gif: config.sampling.method = %r records no path.", config.sampling.method)
         return None
-    options = fast_sampling.sampler_options("ddim", config.sampling)
-    if options["eta"] != 0 or options["time_schedule"] != "time_uniform":
-        return None
-    steps = options["steps"]
+    return sampling.fast_sampling.Recording(frames=GIF_FRAMES, first=PLOT_PATHS if sample_plots.is_2d(shape)
+                                            else GIF_IMAGES)
+
+
+def _plot_score_field(config, sde, model, state, sampling_eps: float, shape, path: np.ndarray, file: str) -> None:
+    """``score_field.png`` of 2-D data: the model's score at a few times and the recorded paths (data space)."""
     score_fn = mutils.get_score_fn(sde, model, state.params_ema, state.model_state, train=False,
                                    continuous=config.training.continuous)
-    inverse_scaler = datasets.get_data_inverse_scaler(config)
+    scaler = datasets.get_data_scaler(config)  # the score is taken in model space; the scalers scale by > 0
+    batched = jax.jit(lambda points, t: score_fn(scaler(points).reshape((-1,) + tuple(shape[1:])), t).reshape(-1, 2))
 
-    @jax.jit
-    def frame(rng, z, k):
-        t_k = sde.T + k / steps * (sampling_eps - sde.T)
-        x, _ = fast_sampling.ddim(rng, score_fn, sde, z, eps=t_k, steps=k, eta=0.0, time_schedule="time_uniform")
-        return inverse_scaler(x)
+    def field(points, t):
+        return np.asarray(batched(points, np.full(len(points), t, np.float32)))
 
-    rng, z_rng = jax.random.split(jax.random.PRNGKey(config.seed))
-    z = sde.prior_sampling(z_rng, (min(GIF_IMAGES, shape[0]),) + tuple(shape[1:]))
-    ks = sorted(set(range(0, steps, max(steps // GIF_FRAMES, 1))) | {steps})
-    return [np.asarray(inverse_scaler(z) if k == 0 else frame(rng, z, k)) for k in ks]
+    sample_plots.plot_score_field(file, field, sample_plots.panel_times(sampling_eps, sde.T),
+                                  path.reshape(path.shape[:2] + (2,)),
+                                  title=f"{config.sampling.method}: score field and sample paths")
 
 
 def _write_gif(frames: list[np.ndarray], path: str, upscale: int) -> None:
+# 2-D data: the paths of this many samples in score_field.png.
+PLOT_PATHS = 64
     """``frames`` (images in [0, 1]) as grids in an animated GIF, 0.2 s a frame, the last held 2 s, looping."""
     from PIL import Image  # noqa: PLC0415 (only the GIF needs it here)
 
@@ -1142,9 +1139,12 @@ def sample(config, workdir: str) -> dict:
     samples of other settings): ``samples.npz`` (``samples``: ``(num_samples, H, W, C)`` uint8,
     rounded as the PNGs), ``grid_<b>.png`` (batch ``b``), ``sample_info.json`` (``nfe``: the score
     evaluations per sample the sampler reported, the largest over batches, and ``nfe_per_batch``;
-    ``sampler_options``, ``ckpt``, ``step``, ``settings``, ...); for deterministic DDIM (``eta = 0``,
-    ``'time_uniform'`` steps) also ``reverse_process.gif``, the path of 16 images from noise to data
-    (:func:`_reverse_process_frames`). The folder is filled under a
+    ``sampler_options``, ``ckpt``, ``step``, ``settings``, ...); for every method but 'ode' also
+    ``reverse_process.gif``: the first 16 images of the first batch on their way from noise to data,
+    the states the sampler recorded in its compiled loop (``fast_sampling.Recording``: about 10
+    frames, every k steps, then the samples; recording leaves the samples bit for bit unchanged), or
+    for 2-D data (two numbers per example) ``score_field.png`` instead: the model's score field at a
+    few times with the paths of 64 samples (``score_sde.sample_plots``). The folder is filled under a
     temporary name and renamed when complete, so it never holds a partial result; a rerun with the
     same settings (seed included: the same samples) finds it and draws nothing. With several
     processes each writes its own folder (suffix ``_host_<p>``) with the samples it drew.
@@ -1188,7 +1188,7 @@ def sample(config, workdir: str) -> dict:
              config.data.num_channels)
     try:  # the samplers check their settings against the SDE here, before anything is compiled
         sampling_fn = sampling.get_sampling_fn(config, sde, model, shape, datasets.get_data_inverse_scaler(config),
-                                               sampling_eps)
+                                               sampling_eps, record=_recording(config, shape))
     except (ValueError, NotImplementedError) as err:
         raise SamplingError(_one_line(err)) from err
     try:
@@ -1204,11 +1204,13 @@ def sample(config, workdir: str) -> dict:
                  ckpt_path, step, method, options, rounds, global_batch, folder)
     rng = parallel.fold_in_process(jax.random.PRNGKey(config.seed))
     progress = reporting.Progress(0, rounds)
-    batches, nfes = [], []
+    batches, nfes, path = [], [], None
     start = time.perf_counter()
     for r in range(rounds):
         rng, keys = device_keys(rng)
-        batch, nfe = sampling_fn(keys, pstate)
+        batch, nfe, *recorded = sampling_fn(keys, pstate)
+        if r == 0 and recorded:  # the first device's path: (frames, first, H, W, C)
+            path = np.asarray(jax.device_get(recorded[0][0]), np.float32)
         batch = np.asarray(jax.device_get(batch), np.float32).reshape((-1,) + shape[1:])
         n_bad = int(np.count_nonzero(~np.isfinite(batch)))
         if n_bad:
@@ -1222,7 +1224,6 @@ def sample(config, workdir: str) -> dict:
         eta = f" | ETA {reporting.format_duration((rounds - r - 1) / rate)}" if rate > 0 else ""
         logging.info("sampling batch %d/%d | %d score evaluations per sample%s", r + 1, rounds, nfes[-1], eta)
     seconds = time.perf_counter() - start
-    frames = _reverse_process_frames(config, sde, model, parallel.unreplicate(pstate), sampling_eps, shape)
 
     # Written under a temporary name, then renamed: the folder is complete or absent.
     tmp_folder = f"{folder}.partial-{os.getpid()}"
@@ -1231,8 +1232,11 @@ def sample(config, workdir: str) -> dict:
         # Small images are enlarged so that the grid is legible (8×8 digits become 32×32).
         reporting.save_image(batch, os.path.join(tmp_folder, f"grid_{r}.png"),
                              nrow=max(int(np.sqrt(len(batch))), 1), upscale=max(1, 32 // shape[1]))
-    if frames is not None:
-        _write_gif(frames, os.path.join(tmp_folder, "reverse_process.gif"), upscale=max(1, 32 // shape[1]))
+    if path is not None and sample_plots.is_2d(shape):
+        _plot_score_field(config, sde, model, parallel.unreplicate(pstate), sampling_eps, shape, path,
+                          os.path.join(tmp_folder, "score_field.png"))
+    elif path is not None:
+        _write_gif(path, os.path.join(tmp_folder, "reverse_process.gif"), upscale=max(1, 32 // shape[1]))
     all_images = np.clip(np.concatenate(batches) * 255.0 + 0.5, 0, 255).astype(np.uint8)
     if parallel.process_count() == 1:
         all_images = all_images[:num_samples]

@@ -311,11 +311,12 @@ def pc_update_fns(sde: sde_lib.SDE, score_fn: ScoreFn, predictor: Optional[type]
 
 
 def pc_loop(rng: jax.Array, x: jax.Array, sde: sde_lib.SDE, eps: float, corrector_update: UpdateFn,
-            predictor_update: UpdateFn) -> Tuple[jax.Array, jax.Array]:
-    """The PC loop over ``N`` times from ``T`` down to ``eps`` in one ``lax.fori_loop``.
+            predictor_update: UpdateFn, record: Optional[fast_sampling.Recording] = None) -> Tuple[jax.Array, ...]:
+    """The PC loop over ``N`` times from ``T`` down to ``eps`` (``fast_sampling.recorded_fori_loop``).
 
     Each iteration splits ``rng`` for the corrector, then for the predictor (the original's order).
-    Returns the final ``(x, x_mean)``.
+    Returns the final ``(x, x_mean)``; with ``record`` also the recorded states of ``x``
+    (:class:`fast_sampling.Recording`), which leave ``x`` and ``x_mean`` bit for bit unchanged.
     """
     timesteps = jnp.linspace(sde.T, eps, sde.N)
     batch = x.shape[0]
@@ -329,8 +330,9 @@ def pc_loop(rng: jax.Array, x: jax.Array, sde: sde_lib.SDE, eps: float, correcto
         x, x_mean = predictor_update(step_rng, x, vec_t)
         return rng, x, x_mean
 
-    _, x, x_mean = jax.lax.fori_loop(0, sde.N, loop_body, (rng, x, x))
-    return x, x_mean
+    (_, x, x_mean), path = fast_sampling.recorded_fori_loop(sde.N, loop_body, (rng, x, x), record,
+                                                            lambda val: val[1])
+    return (x, x_mean) if record is None else (x, x_mean, path)
 
 
 def pc_nfe(sde: sde_lib.SDE, predictor: Optional[type], corrector: Optional[type], n_steps: int = 1) -> int:
@@ -347,7 +349,7 @@ def pc_nfe(sde: sde_lib.SDE, predictor: Optional[type], corrector: Optional[type
 
 def pc_sample(rng: jax.Array, score_fn: ScoreFn, sde: sde_lib.SDE, shape, predictor: Optional[type],
               corrector: Optional[type], snr: float, n_steps: int = 1, probability_flow: bool = False,
-              denoise: bool = True, eps: float = 1e-3) -> jax.Array:
+              denoise: bool = True, eps: float = 1e-3, record: Optional[fast_sampling.Recording] = None):
     """PC sampling with a plain ``score_fn``; pure and traceable (jit or pmap it).
 
     Args:
@@ -360,16 +362,18 @@ def pc_sample(rng: jax.Array, score_fn: ScoreFn, sde: sde_lib.SDE, shape, predic
         probability_flow: predictor steps the probability-flow ODE.
         denoise: return the last step's noise-free mean.
         eps: the last time.
+        record: also return the path from the latent to the samples (:class:`fast_sampling.Recording`).
 
     Returns:
-        Samples of ``shape``.
+        Samples of ``shape``; with ``record`` ``(samples, path)``.
     """
     corrector_update, predictor_update = pc_update_fns(sde, score_fn, predictor, corrector, snr, n_steps,
                                                        probability_flow)
     rng, step_rng = jax.random.split(rng)
     x = sde.prior_sampling(step_rng, shape)
-    x, x_mean = pc_loop(rng, x, sde, eps, corrector_update, predictor_update)
-    return x_mean if denoise else x
+    x, x_mean, *path = pc_loop(rng, x, sde, eps, corrector_update, predictor_update, record)
+    samples = x_mean if denoise else x
+    return samples if record is None else (samples, fast_sampling.path_with_samples(path[0], samples, record))
 
 
 def _identity(x):
@@ -414,7 +418,7 @@ def shared_corrector_update_fn(rng, state, x, t, sde, model, corrector, continuo
 
 def get_pc_sampler(sde, model, shape, predictor, corrector, inverse_scaler, snr,
                    n_steps=1, probability_flow=False, continuous=False,
-                   denoise=True, eps=1e-3):
+                   denoise=True, eps=1e-3, record=None):
     """Create a predictor–corrector sampler running data parallel over the local devices.
 
     Args:
@@ -430,24 +434,29 @@ def get_pc_sampler(sde, model, shape, predictor, corrector, inverse_scaler, snr,
         continuous: the model was trained with continuous time.
         denoise: return the last step's noise-free mean.
         eps: last time of the reverse integration.
+        record: also return each device's path (:class:`fast_sampling.Recording`), through ``inverse_scaler``.
 
     Returns:
         ``sampler(rng, pstate) -> (samples, nfe)``: ``rng`` per-device keys ``(n_devices, 2)``,
         ``pstate`` a replicated :class:`models.utils.State`; samples ``(n_devices, *shape)``;
-        ``nfe`` the number of score evaluations (int).
+        ``nfe`` the number of score evaluations (int). With ``record`` ``(samples, nfe, path)``.
     """
     validate_pc(sde, predictor, corrector, probability_flow, snr, n_steps)
 
     def pc_sampler(rng, state):
         score_fn = _model_score_fn(sde, model, state, continuous)
-        x = pc_sample(rng, score_fn, sde, shape, predictor, corrector, snr, n_steps, probability_flow, denoise, eps)
-        return inverse_scaler(x)
+        out = pc_sample(rng, score_fn, sde, shape, predictor, corrector, snr, n_steps, probability_flow, denoise, eps,
+                        record)
+        return inverse_scaler(out) if record is None else tuple(inverse_scaler(v) for v in out)
 
     run = parallel.pmap(pc_sampler)
     nfe = pc_nfe(sde, predictor, corrector, n_steps)
 
     def sampler(rng, state):
-        return run(rng, state), nfe
+        if record is None:
+            return run(rng, state), nfe
+        samples, path = run(rng, state)
+        return samples, nfe, path
 
     return sampler
 
@@ -600,7 +609,7 @@ def get_ode_sampler(sde, model, shape, inverse_scaler, denoise=False, rtol=1e-5,
     return ode_sampler
 
 
-def get_sampling_fn(config, sde, model, shape, inverse_scaler, eps):
+def get_sampling_fn(config, sde, model, shape, inverse_scaler, eps, record=None):
     """The sampler named by ``config.sampling.method`` ('pc', 'ode' or a fast sampler) for a model.
 
     Args:
@@ -612,13 +621,19 @@ def get_sampling_fn(config, sde, model, shape, inverse_scaler, eps):
         shape: one device's sample batch ``(batch, H, W, C)``.
         inverse_scaler: maps model space back to data space.
         eps: end time of the reverse integration.
+        record: a :class:`fast_sampling.Recording`: the sampler also returns the path from noise to
+            the samples (every method but 'ode', see :func:`records_path`).
 
     Returns:
         ``sampling_fn(rng, pstate) -> (samples, nfe)``, see :func:`get_pc_sampler` / :func:`get_ode_sampler`
         and, for 'ddim', 'heun', 'dpm_solver', 'dpm_solver_pp' and 'adaptive_sde' (options
-        ``sampling.steps``, ``order``, ``eta``, ...), ``fast_sampling.get_fast_sampler``.
+        ``sampling.steps``, ``order``, ``eta``, ...), ``fast_sampling.get_fast_sampler``; with
+        ``record`` ``(samples, nfe, path)``, ``path`` ``(n_devices, frames, first, *shape[1:])``.
     """
     sampler_name = config.sampling.method.lower()
+    if record is not None and not records_path(sampler_name):
+        raise ValueError(f"config.sampling.method={sampler_name!r} records no path from noise to data; "
+                         f"the methods that do: {[m for m in sampling_methods() if records_path(m)]}.")
     if sampler_name == "ode":
         return get_ode_sampler(sde=sde, model=model, shape=shape, inverse_scaler=inverse_scaler,
                                denoise=config.sampling.noise_removal, eps=eps,
@@ -630,11 +645,21 @@ def get_sampling_fn(config, sde, model, shape, inverse_scaler, eps):
                               corrector=get_corrector(config.sampling.corrector.lower()),
                               inverse_scaler=inverse_scaler, snr=config.sampling.snr,
                               n_steps=config.sampling.n_steps_each, probability_flow=config.sampling.probability_flow,
-                              continuous=config.training.continuous, denoise=config.sampling.noise_removal, eps=eps)
+                              continuous=config.training.continuous, denoise=config.sampling.noise_removal, eps=eps,
+                              record=record)
     if sampler_name in fast_sampling.registered_fast_samplers():
-        return fast_sampling.get_fast_sampler(config, sde, model, shape, inverse_scaler, eps)
+        return fast_sampling.get_fast_sampler(config, sde, model, shape, inverse_scaler, eps, record=record)
     raise ValueError(f"config.sampling.method={config.sampling.method!r} is unknown; use one of "
                      f"{', '.join(sampling_methods())}.")
+
+
+def records_path(method: str) -> bool:
+    """Whether ``get_sampling_fn(..., record=...)`` can return the path of ``method`` (a sampling method name).
+
+    All but 'ode': its adaptive solver (``score_sde.ode.solve_jax``) keeps no intermediate states, and
+    solving to each frame time instead would change its steps, hence its samples.
+    """
+    return method.lower() != "ode"
 
 
 def sampling_methods() -> list[str]:

@@ -1,4 +1,4 @@
-"""Seconds per score evaluation of the PC and probability-flow ODE samplers on the benchmark DDPM++.
+"""Seconds per score evaluation of every sampler (PC, probability-flow ODE, the fast samplers) on the benchmark DDPM++.
 
 Benchmark model: ``configs/vp/cifar10_ddpmpp_continuous.py`` with ``nf=32, ch_mult=(1, 2, 2),
 num_res_blocks=2, attn_resolutions=(16,)``; batch 8 of 32×32×3; VPSDE(0.1, 20); initial weights
@@ -13,9 +13,14 @@ wall seconds and in CPU seconds of this process, the steadier figure on a shared
   step) and seconds per evaluation beside ``score_eval`` (goal ≤ 1.1×; the original: 0.115 s per
   evaluation on this CPU);
 * ``ode_<solver>`` — :func:`sampling.get_ode_sampler` (RK45 pair, no denoising) with the JAX
-  solver (one compiled program) and scipy's ``solve_ivp`` (host loop): NFE and seconds per NFE.
+  solver (one compiled program) and scipy's ``solve_ivp`` (host loop): NFE and seconds per NFE;
+* ``fast_<name>`` — each setting of :data:`FAST_SAMPLERS` through
+  :func:`fast_sampling.get_fast_sampler` (the model-level sampler ``--mode sample`` and evaluation
+  run): the NFE it reports and seconds per evaluation beside ``score_eval`` (goal ≤ 1.05×; with
+  ``--record`` also with the reverse-process recording ``--mode sample`` uses for its GIF).
 
-Usage (repository root): ``python benchmarks/sampling.py [--n 100] [--rtol 1e-3 --atol 1e-3] [--reps 3]``.
+Usage (repository root): ``python benchmarks/sampling.py [--n 100] [--rtol 1e-3 --atol 1e-3] [--reps 3]
+[--skip_pc] [--skip_ode] [--skip_fast] [--fast ddim,heun] [--record]``.
 """
 from __future__ import annotations
 
@@ -30,6 +35,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+import fast_sampling  # noqa: E402
 import sampling  # noqa: E402
 import sde_lib  # noqa: E402
 from benchmarks.common import benchmark_config  # noqa: E402
@@ -38,6 +44,19 @@ from score_sde import parallel  # noqa: E402
 
 BATCH = 8
 ORIGINAL_PC_PER_EVAL = 0.115
+# Name, method, config.sampling options: each sampler at the NFE it is typically run with (10-50).
+FAST_SAMPLERS = (
+    ("ddim_eta0", "ddim", {"steps": 20}),
+    ("ddim_eta1", "ddim", {"steps": 20, "eta": 1.0}),
+    ("heun", "heun", {"steps": 10}),
+    ("heun_churn", "heun", {"steps": 10, "churn": 10.0}),
+    ("dpm_solver1", "dpm_solver", {"steps": 20, "order": 1}),
+    ("dpm_solver2", "dpm_solver", {"steps": 10, "order": 2}),
+    ("dpm_solver3", "dpm_solver", {"steps": 7, "order": 3}),
+    ("dpm_solver_pp", "dpm_solver_pp", {"steps": 20}),
+    ("adaptive_sde", "adaptive_sde", {}),
+)
+FAST_GOAL = 1.05
 
 
 def timed(fn, reps: int):
@@ -69,7 +88,12 @@ def main() -> None:
     parser.add_argument("--rtol", type=float, default=1e-3)
     parser.add_argument("--atol", type=float, default=1e-3)
     parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--skip_pc", action="store_true")
     parser.add_argument("--skip_ode", action="store_true")
+    parser.add_argument("--skip_fast", action="store_true")
+    parser.add_argument("--fast", default="", help="comma-separated names of FAST_SAMPLERS to run (default all)")
+    parser.add_argument("--record", action="store_true",
+                        help="also time each fast sampler recording its path (16 frames of 16 images)")
     args = parser.parse_args()
 
     config = benchmark_config()
@@ -92,13 +116,31 @@ def main() -> None:
     n_dev = parallel.local_device_count()
     prng = jnp.asarray([jax.random.PRNGKey(4)] * n_dev)
 
-    sde_n = sde_lib.VPSDE(0.1, 20.0, args.n)
-    pc = sampling.get_pc_sampler(sde_n, model, shape, sampling.get_predictor("reverse_diffusion"),
-                                 sampling.get_corrector("langevin"), lambda v: v, 0.16, n_steps=1,
-                                 probability_flow=False, continuous=True, denoise=True, eps=1e-3)
-    (wall, cpu), (_, nfe) = timed(lambda: pc(prng, pstate), args.reps)
-    report(f"pc_N{args.n}", wall, cpu, nfe, floor,
-           f" (goal <= 1.1; original per_eval {ORIGINAL_PC_PER_EVAL} s)")
+    if not args.skip_pc:
+        sde_n = sde_lib.VPSDE(0.1, 20.0, args.n)
+        pc = sampling.get_pc_sampler(sde_n, model, shape, sampling.get_predictor("reverse_diffusion"),
+                                     sampling.get_corrector("langevin"), lambda v: v, 0.16, n_steps=1,
+                                     probability_flow=False, continuous=True, denoise=True, eps=1e-3)
+        (wall, cpu), (_, nfe) = timed(lambda: pc(prng, pstate), args.reps)
+        report(f"pc_N{args.n}", wall, cpu, nfe, floor,
+               f" (goal <= 1.1; original per_eval {ORIGINAL_PC_PER_EVAL} s)")
+
+    if not args.skip_fast:
+        chosen = set(filter(None, args.fast.split(",")))
+        for name, method, options in FAST_SAMPLERS:
+            if chosen and name not in chosen:
+                continue
+            config.sampling.method = method
+            for field, value in options.items():
+                setattr(config.sampling, field, value)
+            variants = [("", None)] + ([("_recorded", fast_sampling.Recording(frames=16, first=16))]
+                                       if args.record else [])
+            for suffix, record in variants:
+                fast = fast_sampling.get_fast_sampler(config, sde, model, shape, lambda v: v, 1e-3, record=record)
+                (wall, cpu), out = timed(lambda: fast(prng, pstate)[:2], args.reps)
+                report(f"fast_{name}{suffix}", wall, cpu, out[1], floor, f" (goal <= {FAST_GOAL})")
+            for field in options:
+                setattr(config.sampling, field, None)
 
     if args.skip_ode:
         return

@@ -1,4 +1,6 @@
 """fast_sampling against exact math: Gaussian data, whose score and probability-flow map are closed form."""
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -269,3 +271,67 @@ def test_get_sampling_fn_dispatches_the_fast_samplers_by_config_sampling_method(
     assert_close_scaled(x[0], want, rtol=1e-5)  # float32: the pmapped program fuses differently
     with pytest.raises(ValueError, match="pc, ode, .*dpm_solver_pp"):
         sampling.get_sampling_fn(_config(method="ddpm_magic"), sde, model, shape, lambda x: x, EPS["vpsde"])
+
+
+# --------------------------------------------------------------------------- recording the path
+
+# Sampler, options, frames with Recording(frames=3): N steps are recorded every k = max(N // 3, 1) steps,
+# ceil(N / k) states, then the samples; the adaptive solver at 3 times, then the samples.
+RECORD_CASES = [("ddim", {"steps": 7}, 5), ("ddim", {"steps": 5, "eta": 1.0, "time_schedule": "logsnr"}, 6),
+                ("heun", {"steps": 5, "churn": 1.0}, 6), ("dpm_solver", {"steps": 4, "order": 3}, 5),
+                ("dpm_solver_pp", {"steps": 9}, 4), ("adaptive_sde", {"adaptive_rtol": 0.05, "adaptive_atol": 0.05}, 4)]
+
+
+@pytest.mark.parametrize("name,options,frames", RECORD_CASES, ids=[f"{c[0]}-{len(c[1])}" for c in RECORD_CASES])
+def test_recording_the_path_leaves_the_samples_bit_for_bit(name, options, frames):
+    """With ``record`` a sampler returns the same samples and NFE bit for bit, and a path from the latent to them.
+
+    The toy 2-D mixture's exact score (sub-VP). Frames: the first 5 examples; the first frame is the
+    latent, the last the samples, and consecutive frames differ.
+    """
+    sde = make_sde("subvpsde")
+    mixture = toy.GaussianMixture([0.3, 0.7], [[-1.0, 0.5], [1.0, -0.5]], [0.3, 0.2])
+    z = jax.random.normal(jax.random.PRNGKey(0), (16, 2))
+    fn = functools.partial(fast_sampling.fast_sampler_fn(name), score_fn=mixture.score_fn(sde), sde=sde,
+                           **options)
+    plain, plain_nfe = jax.jit(lambda rng, z: fn(rng, x=z))(jax.random.PRNGKey(1), z)
+    record = fast_sampling.Recording(frames=3, first=5)
+    x, nfe, path = jax.jit(lambda rng, z: fn(rng, x=z, record=record))(jax.random.PRNGKey(1), z)
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(plain))
+    assert int(nfe) == int(plain_nfe)
+    assert path.shape == (frames, 5, 2)
+    np.testing.assert_array_equal(path[0], z[:5])
+    np.testing.assert_array_equal(path[-1], x[:5])
+    assert all(not np.array_equal(a, b) for a, b in zip(path, path[1:]))
+
+
+def test_recorded_frames_are_the_states_after_every_k_steps():
+    """DDIM (η = 0, 6 steps, frames=3: every 2 steps): frame j is the state after 2j steps, recomputed step by step."""
+    sde = make_sde("vpsde")
+    dist = _gaussian(3)
+    z = sde.prior_sampling(jax.random.PRNGKey(0), (8, 3))
+    _, _, path = fast_sampling.ddim(None, dist.score_fn(sde), sde, z, eps=EPS["vpsde"], steps=6,
+                                    record=fast_sampling.Recording(frames=3))
+    ns = fast_sampling.NoiseSchedule(sde)
+    x, states = z, [z]
+    for i in range(6):
+        s, t = (jnp.float32(sde.T + k / 6 * (EPS["vpsde"] - sde.T)) for k in (i, i + 1))
+        e = -ns.sigma(s) * dist.score_fn(sde)(x, jnp.full((8,), s))
+        x = ns.alpha(t) * (x - ns.sigma(s) * e) / ns.alpha(s) + ns.sigma(t) * e
+        states.append(x)
+    assert path.shape == (4, 8, 3)
+    for j, k in enumerate((0, 2, 4, 6)):
+        assert_close_scaled(path[j], states[k], rtol=1e-5)
+
+
+def test_pc_sampler_records_its_path_without_changing_the_samples():
+    """sampling.pc_sample (reverse diffusion + Langevin) with ``record``: the same samples, bit for bit."""
+    sde = make_sde("vpsde", 24)  # the reverse-diffusion and Langevin steps of a VP SDE need N > beta_max = 20
+    score = _gaussian(2).score_fn(sde)
+    args = (score, sde, (6, 2), sampling.get_predictor("reverse_diffusion"), sampling.get_corrector("langevin"), 0.16)
+    plain = jax.jit(lambda rng: sampling.pc_sample(rng, *args))(jax.random.PRNGKey(2))
+    x, path = jax.jit(lambda rng: sampling.pc_sample(rng, *args, record=fast_sampling.Recording(frames=4)))(
+        jax.random.PRNGKey(2))
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(plain))
+    assert path.shape == (5, 6, 2)  # after 0, 6, 12, 18 of the 24 steps, then the denoised samples
+    np.testing.assert_array_equal(path[-1], x)

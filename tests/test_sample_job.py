@@ -71,11 +71,29 @@ def test_samples_files_and_nfe(workdir, caplog):
     assert written["ckpt"] == 2 and written["step"] == 10 and written["checkpoint"] == "checkpoints/checkpoint_2"
     assert written["sampler_options"]["steps"] == 3 and written["sampler_options"]["eta"] == 0.0
     assert "sampling batch 1/1 | 3 score evaluations per sample | ETA" in caplog.text
-    # Deterministic DDIM: a GIF of its path, noise (k = 0) and after each of the 3 steps, all 4 images.
-    with Image.open(folder / "reverse_process.gif") as gif:
-        frames = [np.asarray(f.convert("L")) for f in ImageSequence.Iterator(gif)]
+    # A GIF of the path: noise (k = 0) and after each of the 3 steps, all 4 images; the last frame is the grid.
+    frames = _gif_frames(folder)
     assert len(frames) == 4 and frames[0].shape == Image.open(folder / "grid_0.png").size[::-1]
     assert all(not np.array_equal(a, b) for a, b in zip(frames, frames[1:]))
+    np.testing.assert_array_equal(frames[-1], np.asarray(Image.open(folder / "grid_0.png").convert("L")))
+
+
+def _gif_frames(folder: pathlib.Path) -> list[np.ndarray]:
+    with Image.open(folder / "reverse_process.gif") as gif:
+        return [np.asarray(f.convert("L")) for f in ImageSequence.Iterator(gif)]
+
+
+def test_gif_for_a_second_sampler(workdir):
+    """DPM-Solver-2 (6 steps, 12 NFE): a GIF from noise to the samples; frames change; the last is grid_0."""
+    info = run_lib.sample(_config(method="dpm_solver", order=2, steps=6), str(workdir))
+    folder = pathlib.Path(info["folder"])
+    assert info["nfe"] == 12
+    # The latent and the state after each of the 6 steps (PIL merges frames that round to the same pixels).
+    frames = _gif_frames(folder)
+    assert 3 <= len(frames) <= 7
+    assert all(not np.array_equal(a, b) for a, b in zip(frames, frames[1:]))
+    assert np.mean(frames[0] != frames[-1]) > 0.3  # noise became something else
+    np.testing.assert_array_equal(frames[-1], np.asarray(Image.open(folder / "grid_0.png").convert("L")))
 
 
 def test_chosen_checkpoint_and_batches(workdir):
@@ -102,7 +120,7 @@ def test_rerun_does_not_overwrite(workdir):
     assert os.path.basename(changed["folder"]) not in listing
     assert changed["folder"].startswith(str(workdir / "samples_ddim_ckpt_2_"))
     assert changed["sampler_options"]["eta"] == 1.0
-    assert "reverse_process.gif" not in os.listdir(changed["folder"])  # stochastic DDIM: no deterministic path
+    assert "reverse_process.gif" in os.listdir(changed["folder"])  # stochastic DDIM records its path too
     assert _folder_contents(first) == before
     assert not [name for name in os.listdir(workdir) if ".partial-" in name]
 
@@ -150,28 +168,69 @@ def test_missing_checkpoint_through_main(tmp_path):
     assert not workdir.exists()
 
 
-def test_gif_frames_lie_on_the_ddim_path(workdir):
-    """Each GIF frame is the state of the one N-step DDIM path after k steps (recomputed here step by step)."""
+def _sampler_and_state(workdir, config, record=None):
+    """The model-level sampler of ``config`` (4 images of 8×8×1) and checkpoint_2's replicated state."""
+    import sampling
     import sde_lib
+    from score_sde import datasets, parallel
+
+    sde, eps = sde_lib.get_sde(config)
+    model, template = run_lib.eval_state_template(config, jax.random.PRNGKey(0))
+    state = checkpoints.restore_checkpoint(str(workdir / "checkpoints" / "checkpoint_2"), template)
+    sampler = sampling.get_sampling_fn(config, sde, model, (4, 8, 8, 1), datasets.get_data_inverse_scaler(config),
+                                       eps, record=record)
+    keys = jax.random.split(jax.random.PRNGKey(3), parallel.local_device_count())
+    return sampler, keys, parallel.replicate(state), state, model, sde, eps
+
+
+def test_gif_frames_lie_on_the_ddim_path(workdir):
+    """Each recorded frame is the state of the N-step DDIM path after k steps (recomputed here step by step)."""
+    import fast_sampling
     from models import utils as mutils
     from score_sde import datasets
 
     config = _config(steps=4)
-    sde, eps = sde_lib.get_sde(config)
-    model, template = run_lib.eval_state_template(config, jax.random.PRNGKey(0))
-    state = checkpoints.restore_checkpoint(str(workdir / "checkpoints" / "checkpoint_2"), template)
-    frames = run_lib._reverse_process_frames(config, sde, model, state, eps, (4, 8, 8, 1))
+    sampler, keys, pstate, state, model, sde, eps = _sampler_and_state(workdir, config,
+                                                                       fast_sampling.Recording(frames=4, first=4))
+    _, nfe, path = sampler(keys, pstate)
+    frames = np.asarray(path[0])  # device 0: (5, 4, 8, 8, 1), in [0, 1]
     score_fn = mutils.get_score_fn(sde, model, state.params_ema, state.model_state, train=False, continuous=True)
-    scaler = datasets.get_data_inverse_scaler(config)
-    x = sde.prior_sampling(jax.random.split(jax.random.PRNGKey(config.seed))[1], (4, 8, 8, 1))
-    path = [scaler(x)]
+    scaler, inverse_scaler = datasets.get_data_scaler(config), datasets.get_data_inverse_scaler(config)
+    x = scaler(frames[0])  # the latent
+    states = [frames[0]]
     for i in range(4):  # deterministic DDIM on the uniform time grid from T to eps
         s, t = (np.full((4,), sde.T + j / 4 * (eps - sde.T), np.float32) for j in (i, i + 1))
         mean_s, std_s = sde.marginal_prob(np.ones((4, 1, 1, 1), np.float32), s)
         mean_t, std_t = sde.marginal_prob(np.ones((4, 1, 1, 1), np.float32), t)
         noise = -std_s[:, None, None, None] * score_fn(x, s)
         x = mean_t * (x - std_s[:, None, None, None] * noise) / mean_s + std_t[:, None, None, None] * noise
-        path.append(scaler(x))
-    assert len(frames) == 5
-    for k, (frame, state_k) in enumerate(zip(frames, path)):
+        states.append(inverse_scaler(x))
+    assert nfe == 4 and frames.shape == (5, 4, 8, 8, 1)
+    for k, (frame, state_k) in enumerate(zip(frames, states)):
         np.testing.assert_allclose(frame, state_k, rtol=1e-4, atol=1e-4, err_msg=f"frame {k}")
+
+
+@pytest.mark.parametrize("sampling_options", [{"method": "heun", "churn": 2.0},
+                                              {"method": "pc", "predictor": "euler_maruyama", "corrector": "none"}],
+                         ids=["heun_churn", "pc"])
+def test_recording_leaves_the_model_samples_bit_for_bit(workdir, sampling_options):
+    """The model-level sampler with and without recording its path: the same samples, bit for bit."""
+    import fast_sampling
+
+    config = _config(steps=3, **sampling_options)
+    sampler, keys, pstate, *_ = _sampler_and_state(workdir, config)
+    recording, *_ = _sampler_and_state(workdir, config, fast_sampling.Recording(frames=2, first=3))
+    plain, nfe = sampler(keys, pstate)
+    samples, nfe_recorded, path = recording(keys, pstate)
+    np.testing.assert_array_equal(np.asarray(samples), np.asarray(plain))
+    assert nfe == nfe_recorded and path.shape[2:] == (3, 8, 8, 1)
+
+
+def test_ode_records_no_path(workdir):
+    """'ode' has no GIF: asking its sampler for a path is refused, naming the methods that record one."""
+    import fast_sampling
+    import sampling
+
+    assert not sampling.records_path("ode") and sampling.records_path("pc") and sampling.records_path("ddim")
+    with pytest.raises(ValueError, match=r"'ode' records no path.*'pc'.*'ddim'"):
+        _sampler_and_state(workdir, _config(method="ode"), fast_sampling.Recording())
