@@ -34,7 +34,22 @@ def test_shipped_weights_reach_the_stated_test_accuracy(splits):
     correct = int(np.sum(np.argmax(logits, axis=1) == y_test))
     assert abs(correct - meta["test_correct"]) <= 1, f"{correct} correct, metadata says {meta['test_correct']}"
     assert correct / len(y_test) >= 0.95
+    # the features are the penultimate layer: the last Dense maps them to the logits
+    params = digits_fd.load_params()
+    last = params["Dense_1"]
     assert feats.shape == (len(y_test), digits_fd.FEATURE_DIM)
+    np.testing.assert_allclose(digits_fd.features(x_test) @ np.asarray(last["kernel"], np.float64)
+                               + np.asarray(last["bias"]), logits, rtol=1e-4, atol=1e-4)
+
+
+def test_digits_fd_from_features_is_the_frechet_distance():
+    """Closed forms: a shift c adds |c|² and nothing else; doubling the features adds |μ|² + tr(C)."""
+    rs = np.random.RandomState(0)
+    f = rs.randn(400, 5) @ rs.randn(5, 5) + rs.randn(5)
+    c = rs.randn(5)
+    assert digits_fd.digits_fd_from_features(f, f + c) == pytest.approx(np.sum(c ** 2), rel=1e-6)
+    expected = np.sum(f.mean(0) ** 2) + np.trace(np.cov(f.T))
+    assert digits_fd.digits_fd_from_features(f, 2 * f) == pytest.approx(expected, rel=1e-6)
 
 
 def test_digits_fd_is_zero_for_identical_sets(splits):
