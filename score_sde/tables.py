@@ -18,6 +18,15 @@ alone, with no learning error:
   score and the exact divergence, beside the exact NLL of the mixture. The difference splits
   into the prior mismatch ``log p_T(z) - log π(z)`` (known here) and the solver error.
 
+Two more add the learning error of small trained networks (``models/mlp.py``, trained through
+``run_lib``'s train step by :mod:`score_sde.mixture_training`), one per dimension × SDE × weighting
+(λ = std², or likelihood weighting λ = g²):
+
+* **trained_likelihood** — Table 2: bits/dim of each trained model beside the exact NLL of the same
+  points, with a 95% interval over points, the Hutchinson probes' standard error and the spread over
+  ODE tolerances.
+* **trained_sampler** — Table 1's grid sampled with the trained (λ = std²) score.
+
 The **paper** table puts the published CIFAR-10 numbers beside ours (:mod:`score_sde.paper_results`).
 
 Resumable: every finished cell is stored in ``workdir/tables.json`` at once and never computed
@@ -25,7 +34,8 @@ again; a rerun (after a kill) computes only the missing cells. Files written::
 
     workdir/tables.json      every cell (per-seed values), the config it was made with, the claims
     workdir/tables.md        the tables, the claims section, the paper's tables with commands
-    workdir/sampler_error.png, workdir/samples_2d.png
+    workdir/sampler_error.png, workdir/samples_2d.png, workdir/samples_2d_trained.png
+    workdir/models/*.msgpack the trained models' EMA parameters
     workdir/tables_log.txt   the log (progress, ETA)
 """
 from __future__ import annotations
@@ -38,6 +48,7 @@ import os
 import re
 import time
 
+import flax.serialization
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -46,10 +57,16 @@ from scipy import stats
 import likelihood
 import sampling
 import sde_lib
-from score_sde import paper_results, reporting, toy
+from configs.vp import gmm as gmm_config
+from models import utils as mutils
+from score_sde import mixture_training, paper_results, reporting
+from score_sde.mixtures import IsotropicMixture, make_mixture  # noqa: F401 (tables.make_mixture is public)
 from score_sde.paper_results import TablesError
 
-TABLES = ("sampler", "likelihood", "paper")
+TABLES = ("sampler", "likelihood", "trained_sampler", "trained_likelihood", "paper")
+TRAINED = ("trained_sampler", "trained_likelihood")
+# Training weightings of the small models: λ = std² (the paper's default) and λ = g² (likelihood weighting).
+WEIGHTINGS = ("plain", "likelihood")
 SDE_NAMES = ("vesde", "vpsde", "subvpsde")
 # Table 1's rows: (sampling.py predictor, probability_flow).
 PREDICTORS = {"ancestral_sampling": ("ancestral_sampling", False),
@@ -60,6 +77,9 @@ EXACT = "exact_samples"
 # Fields of config that change a stored cell's numbers: a stored file made with others is refused.
 FINGERPRINT_FIELDS = ("num_samples", "seeds", "snr", "projections", "mmd_points", "likelihood_points",
                       "likelihood_rtol", "likelihood_atol")
+# Fields of the trained tables (a separate fingerprint: stores made before these tables existed stay usable).
+TRAIN_FINGERPRINT_FIELDS = ("train_steps", "train_batch_size", "train_width", "train_blocks", "train_lr",
+                            "trained_num_samples", "trained_seeds", "nll_points", "nll_probes", "nll_tolerances")
 PREVIEW_POINTS = 400
 
 
@@ -100,14 +120,24 @@ def check_config(config) -> None:
                  for s in t.sdes if s not in SDE_NAMES]
     problems += [f"config.tables.predictors: unknown predictor {p!r}; use some of {tuple(PREDICTORS)}"
                  for p in t.predictors if p not in PREDICTORS]
-    for name in t.samplers:
-        try:
-            parse_sampler(name)
-        except ValueError as err:
-            problems.append(str(err))
-    problems += [f"config.tables.dims: {d!r} is not a dimension >= 1" for d in t.dims if int(d) < 1]
-    if t.seeds < 2:
-        problems.append(f"config.tables.seeds = {t.seeds}: a confidence interval needs at least 2 seeds")
+    for field in ("samplers", "trained_samplers"):
+        for name in t[field]:
+            try:
+                parse_sampler(name)
+            except ValueError as err:
+                problems.append(str(err).replace("config.tables.samplers", f"config.tables.{field}"))
+    problems += [f"config.tables.{field}: {d!r} is not a dimension >= 1"
+                 for field in ("dims", "trained_dims") for d in t[field] if int(d) < 1]
+    for field in ("seeds", "trained_seeds"):
+        if t[field] < 2:
+            problems.append(f"config.tables.{field} = {t[field]}: a confidence interval needs at least 2 seeds")
+    if set(TRAINED) & set(t.which):
+        if t.train_steps <= 0:
+            problems.append(f"config.tables.train_steps = {t.train_steps}: use a positive number of steps")
+        if t.nll_probes < 2:
+            problems.append(f"config.tables.nll_probes = {t.nll_probes}: the Hutchinson error needs at least 2 probes")
+        if not t.nll_tolerances:
+            problems.append("config.tables.nll_tolerances is empty: give the ODE tolerances, the main one first")
     if problems:
         raise TablesError("Invalid tables config:\n  " + "\n  ".join(problems))
 
@@ -115,67 +145,6 @@ def check_config(config) -> None:
 # ---------------------------------------------------------------------------------------------
 # Data and SDEs
 # ---------------------------------------------------------------------------------------------
-class IsotropicMixture(toy.Distribution):
-    """``Σ_k w_k N(mean_k, std_k² I)``: the exact score and log-density of ``p_t``, vectorised over components.
-
-    The same distribution as ``toy.GaussianMixture(weights, means, stds)`` (:meth:`as_toy`; the tests
-    check that both give the same score and density), in one fused computation over the K
-    components instead of one per component: the sampler grid evaluates the score millions of times.
-
-    Args:
-        weights: ``(K,)`` non-negative, normalised here.
-        means: ``(K, d)``.
-        stds: ``(K,)`` standard deviations.
-    """
-
-    def __init__(self, weights, means, stds):
-        weights = np.asarray(weights, np.float64)
-        self.weights = jnp.asarray(weights / weights.sum(), jnp.float32)
-        self.means = jnp.asarray(means, jnp.float32)
-        self.stds = jnp.asarray(stds, jnp.float32)
-        self.event_shape = (self.means.shape[1],)
-
-    def as_toy(self) -> toy.GaussianMixture:
-        return toy.GaussianMixture(np.asarray(self.weights), np.asarray(self.means), np.asarray(self.stds))
-
-    def sample(self, rng, n):
-        label_rng, noise_rng = jax.random.split(rng)
-        labels = jax.random.categorical(label_rng, jnp.log(self.weights), shape=(n,))
-        return self.means[labels] + self.stds[labels, None] * jax.random.normal(noise_rng, (n, self.dim))
-
-    def _terms(self, sde, x, t):
-        """Per-component ``log w_k + log N_k,t(x)`` ``(n, K)``, ``x - a mean_k`` ``(n, K, d)``, variances ``(n, K)``."""
-        a, var = toy.transition_coefficients(sde, t)
-        v = a[:, None] ** 2 * self.stds ** 2 + var[:, None]
-        diff = x[:, None, :] - a[:, None, None] * self.means
-        logits = (jnp.log(self.weights) - 0.5 * self.dim * jnp.log(2 * math.pi * v)
-                  - 0.5 * jnp.sum(diff ** 2, axis=-1) / v)
-        return logits, diff, v
-
-    def log_prob(self, sde, x, t):
-        return jax.scipy.special.logsumexp(self._terms(sde, x, t)[0], axis=1)
-
-    def score(self, sde, x, t):
-        logits, diff, v = self._terms(sde, x, t)
-        post = jax.nn.softmax(logits, axis=1)
-        return -jnp.einsum("nk,nkd->nd", post / v, diff)
-
-
-def make_mixture(dim: int) -> IsotropicMixture:
-    """The test distribution in ``dim`` dimensions, fixed (no config seed: cells stay comparable).
-
-    2-D: 8 components on a circle of radius 3, std 0.3, unequal weights. Higher: 6 components with
-    means drawn N(0, 2² I) and stds in [0.3, 0.7], unequal weights (a sampler that gets the weights
-    wrong shows in ``Δlog p``).
-    """
-    rng = np.random.default_rng(1234 + dim)
-    if dim == 2:
-        angles = 2 * np.pi * np.arange(8) / 8
-        means = 3.0 * np.stack([np.cos(angles), np.sin(angles)], axis=1)
-        return IsotropicMixture(np.linspace(1.0, 2.0, 8), means, np.full(8, 0.3))
-    return IsotropicMixture(rng.uniform(1.0, 2.0, 6), rng.normal(0.0, 2.0, (6, dim)), rng.uniform(0.3, 0.7, 6))
-
-
 def make_sde(config, name: str, num_scales: int) -> tuple[sde_lib.SDE, float]:
     """``(sde, sampling eps)`` with ``config.model``'s parameters and ``num_scales`` steps."""
     m = config.model
@@ -244,13 +213,16 @@ _ANY_SDE = sde_lib.VPSDE()
 class Truth:
     """Exact reference samples per seed, projection directions and the MMD bandwidth of one dimension."""
 
-    def __init__(self, config, dim: int):
+    def __init__(self, config, dim: int, trained: bool = False):
+        """``trained``: sized for the trained-score table (``trained_num_samples``, ``trained_seeds``)."""
         self.dim, self.dist = dim, make_mixture(dim)
         base = jax.random.fold_in(jax.random.PRNGKey(config.seed), dim)
-        n = config.tables.num_samples
-        self.sample_keys = [jax.random.fold_in(base, 2 * s) for s in range(config.tables.seeds)]
-        self.references = [self.dist.sample(jax.random.fold_in(base, 2 * s + 1), n) for s in range(config.tables.seeds)]
-        direction_key = jax.random.fold_in(base, 2 * config.tables.seeds)
+        t = config.tables
+        n, seeds = (t.trained_num_samples, t.trained_seeds) if trained else (t.num_samples, t.seeds)
+        self.num_samples = n
+        self.sample_keys = [jax.random.fold_in(base, 2 * s) for s in range(seeds)]
+        self.references = [self.dist.sample(jax.random.fold_in(base, 2 * s + 1), n) for s in range(seeds)]
+        direction_key = jax.random.fold_in(base, 2 * seeds)
         self.directions = random_directions(direction_key, config.tables.projections, dim)
         self.bandwidth = median_bandwidth(np.asarray(self.references[0]))
         self.mmd_points = config.tables.mmd_points
@@ -272,16 +244,20 @@ def _finite(x: jax.Array) -> bool:
     return bool(jnp.all(jnp.isfinite(x)))
 
 
-def sampler_cell(config, truth: Truth, sde_name: str, predictor: str, sampler: Sampler) -> dict:
-    """One Table 1 cell: per-seed distances of ``num_samples`` samples (see the module docstring)."""
+def sampler_cell(config, truth: Truth, sde_name: str, predictor: str, sampler: Sampler,
+                 score_for=None) -> dict:
+    """One Table 1 cell: per-seed distances of ``truth.num_samples`` samples (see the module docstring).
+
+    ``score_for(sde) -> score_fn(x (n, d), t (n,))``: the score to sample with; the exact one by default.
+    """
     sde, eps = make_sde(config, sde_name, sampler.num_scales)
-    n = config.tables.num_samples
+    n = truth.num_samples
     if predictor == EXACT:
         draws = [truth.dist.sample(key, n) for key in truth.sample_keys]
     else:
         pred_name, probability_flow = PREDICTORS.get(predictor, (None, False))
         sampler_fn = sampling.get_score_pc_sampler(
-            sde, truth.dist.score_fn(sde), (n, truth.dim),
+            sde, (score_for or truth.dist.score_fn)(sde), (n, truth.dim),
             sampling.get_predictor(pred_name) if sampler.predictor else None,
             sampling.get_corrector("langevin") if sampler.corrector_steps else None,
             snr=config.tables.snr, n_steps=max(sampler.corrector_steps, 1),
@@ -330,6 +306,116 @@ def likelihood_cell(config, dim: int, sde_name: str) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------
+# Trained score models (the learning error)
+# ---------------------------------------------------------------------------------------------
+def model_config(config, dim: int, sde_name: str, weighting: str):
+    """The GMM training config (``configs/vp/gmm.py``) of one small model, sized by ``config.tables``.
+
+    Its SDE has ``config.model``'s parameters, the same as the exact-score cells.
+    """
+    t = config.tables
+    mc = gmm_config.get_config(sde_name)
+    mc.seed = config.seed
+    mc.data.dim = mc.data.num_channels = dim
+    for key in ("sigma_min", "sigma_max", "beta_min", "beta_max"):
+        mc.model[key] = config.model[key]
+    mc.model.nf, mc.model.num_res_blocks = t.train_width, t.train_blocks
+    mc.training.batch_size = t.train_batch_size
+    # One step per call: for a network this small, compiling 10 fused steps costs more than it saves.
+    mc.training.n_jitted_steps = 1
+    mc.training.likelihood_weighting = weighting == "likelihood"
+    mc.optim.lr = t.train_lr
+    return mc
+
+
+def train_key(dim: int, sde_name: str, weighting: str) -> str:
+    return f"d{dim}/{sde_name}/{weighting}"
+
+
+def _model_file(workdir: str, key: str) -> str:
+    return os.path.join(workdir, "models", key.replace("/", "_") + ".msgpack")
+
+
+def train_cell(config, workdir: str, dim: int, sde_name: str, weighting: str) -> dict:
+    """Train one small model (``mixture_training.train``), save its EMA parameters; the loss curve."""
+    mc = model_config(config, dim, sde_name, weighting)
+    key = train_key(dim, sde_name, weighting)
+    rng = jax.random.fold_in(jax.random.PRNGKey(config.seed + 2), len(key) * 1000 + sum(map(ord, key)))
+    _, params, history = mixture_training.train(mc, config.tables.train_steps, rng)
+    path = _model_file(workdir, key)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path + ".tmp", "wb") as f:
+        f.write(flax.serialization.to_bytes(params))
+    os.replace(path + ".tmp", path)
+    tail = max(1, len(history) // 10)
+    return {"file": os.path.relpath(path, workdir), "steps": len(history),
+            "loss_first": float(np.mean(history[:tail])), "loss_last": float(np.mean(history[-tail:])),
+            "parameters": int(sum(np.size(p) for p in jax.tree_util.tree_leaves(params)))}
+
+
+def load_trained(config, workdir: str, store: dict, dim: int, sde_name: str, weighting: str):
+    """``(model, params)`` of a stored trained model."""
+    mc = model_config(config, dim, sde_name, weighting)
+    model, _, template = mutils.init_model(jax.random.PRNGKey(0), mc)
+    with open(os.path.join(workdir, store["train"][train_key(dim, sde_name, weighting)]["file"]), "rb") as f:
+        return model, flax.serialization.from_bytes(template, f.read())
+
+
+def _likelihood_fn(cache: dict, config, model, dim: int, sde_name: str, tol: float):
+    """``fn(params, rng, x) -> (bpd, z, nfe)``, compiled once per architecture, SDE and tolerance (the
+    parameters are an argument, so both weightings' models share it)."""
+    key = (dim, sde_name, tol)
+    if key not in cache:
+        sde, _ = make_sde(config, sde_name, 1000)
+
+        def fn(params, rng, x):
+            score = mixture_training.score_fn(sde, model, params, dim)
+            # The constructor computes a constant (the dequantisation offset) with jnp: keep it out of the trace.
+            with jax.ensure_compile_time_eval():
+                solve = likelihood.get_likelihood_fn_from_score(
+                    sde, score, hutchinson_type="Rademacher", rtol=tol, atol=tol, eps=1e-5, solver="jax")
+            return solve(rng, x)
+
+        cache[key] = jax.jit(fn)
+    return cache[key]
+
+
+def trained_likelihood_cell(config, model, params, dim: int, sde_name: str, cache: dict | None = None) -> dict:
+    """Bits/dim of a trained model through the probability-flow ODE, with its three error bars.
+
+    On ``nll_points`` fresh mixture points (the same for every model): ``ode`` per point, the mean
+    over ``nll_probes`` Rademacher probes at the first tolerance of ``nll_tolerances``;
+    ``probe_means`` the data-set mean of each probe (their spread is the Hutchinson error of the
+    mean); ``tol_means`` the data-set mean at each tolerance (rtol = atol) with the first probe
+    (their spread is the solver error); ``exact`` = ``-log2 p_0(x) / D`` of the same points.
+    Continuous data: no dequantisation offset.
+    """
+    t = config.tables
+    dist = make_mixture(dim)
+    sde, _ = make_sde(config, sde_name, 1000)
+    cache = {} if cache is None else cache
+    key = jax.random.fold_in(jax.random.PRNGKey(config.seed + 3), dim)
+    x = dist.sample(key, t.nll_points)
+    offset = likelihood.bpd_offset(lambda v: v)
+    per_probe, tol_means, nfes = [], [], []
+    for i, tol in enumerate(t.nll_tolerances):
+        fn = _likelihood_fn(cache, config, model, dim, sde_name, tol)
+        for probe in range(t.nll_probes if i == 0 else 1):
+            bpd, _, nfe = fn(params, jax.random.fold_in(key, 1 + probe), x)
+            bpd = np.asarray(bpd, np.float64) - offset
+            if i == 0:
+                per_probe.append(bpd)
+            if probe == 0:
+                tol_means.append(float(np.mean(bpd)))
+                nfes.append(int(nfe))
+    per_probe = np.stack(per_probe)
+    exact = -np.asarray(dist.log_prob(sde, x, jnp.zeros(x.shape[0])), np.float64) / (dim * math.log(2))
+    return {"ode": per_probe.mean(0).tolist(), "probe_means": per_probe.mean(1).tolist(),
+            "probe_sd_per_point": float(np.mean(per_probe.std(0, ddof=1))) if len(per_probe) > 1 else float("nan"),
+            "tolerances": list(t.nll_tolerances), "tol_means": tol_means, "nfe": nfes, "exact": exact.tolist()}
+
+
+# ---------------------------------------------------------------------------------------------
 # The job
 # ---------------------------------------------------------------------------------------------
 def _fingerprint(config) -> dict:
@@ -338,16 +424,36 @@ def _fingerprint(config) -> dict:
     return json.loads(json.dumps(fp))
 
 
-def _load_store(path: str, fingerprint: dict) -> dict:
-    if not os.path.exists(path):
-        return {"fingerprint": fingerprint, "sampler": {}, "likelihood": {}}
-    with open(path) as f:
-        store = json.load(f)
-    if store.get("fingerprint") != fingerprint:
-        diffs = [f"{k}: {store.get('fingerprint', {}).get(k)!r} there, {v!r} now" for k, v in fingerprint.items()
-                 if store.get("fingerprint", {}).get(k) != v]
+def _train_fingerprint(config) -> dict:
+    return json.loads(json.dumps({f: config.tables[f] for f in TRAIN_FINGERPRINT_FIELDS}))
+
+
+def _refuse_if_different(path: str, stored: dict, fingerprint: dict) -> None:
+    if stored != fingerprint:
+        diffs = [f"{k}: {stored.get(k)!r} there, {v!r} now" for k, v in fingerprint.items() if stored.get(k) != v]
         raise TablesError(f"{path} holds cells computed with another config ({'; '.join(diffs)}). Use another "
                           "--workdir, or delete that file to recompute; nothing was overwritten.")
+
+
+def _load_store(path: str, config) -> dict:
+    """The stored cells, or an empty store; a store made with settings that change the numbers is refused.
+
+    The trained tables' settings are checked only when the config asks for a trained table and the
+    store holds trained cells, so a store made before those tables existed keeps its cells.
+    """
+    fingerprint = _fingerprint(config)
+    store = {"fingerprint": fingerprint}
+    if os.path.exists(path):
+        with open(path) as f:
+            store = json.load(f)
+        _refuse_if_different(path, store.get("fingerprint", {}), fingerprint)
+    if set(TRAINED) & set(config.tables.which):
+        trained_cells = any(store.get(table) for table in ("train",) + TRAINED)
+        if trained_cells:
+            _refuse_if_different(path, store.get("train_fingerprint", {}), _train_fingerprint(config))
+        store["train_fingerprint"] = _train_fingerprint(config)
+    for table in ("sampler", "likelihood", "train") + TRAINED:
+        store.setdefault(table, {})
     return store
 
 
@@ -363,25 +469,44 @@ def sampler_key(dim: int, sde_name: str, predictor: str, sampler: str) -> str:
     return f"d{dim}/{sde_name}/{predictor}/{sampler}"
 
 
+def _grid_cells(config, table: str, sampler_names, dims) -> list[tuple]:
+    """Table 1's grid of ``table`` (``'sampler'`` or ``'trained_sampler'``): the exact-samples floor and every cell."""
+    t = config.tables
+    samplers = [parse_sampler(s) for s in sampler_names]
+    cells = []
+    for dim in dims:
+        for sde_name in t.sdes:
+            cells.append((table, sampler_key(dim, sde_name, EXACT, "-"), (dim, sde_name, EXACT, samplers[0])))
+            for s in samplers:
+                predictors = [CORRECTOR_ONLY] if not s.predictor else list(t.predictors)
+                for p in predictors:
+                    if p == "ancestral_sampling" and sde_name == "subvpsde":
+                        continue  # not defined for sub-VP (sampling.AncestralSamplingPredictor)
+                    cells.append((table, sampler_key(dim, sde_name, p, s.name), (dim, sde_name, p, s)))
+    return cells
+
+
 def planned_cells(config) -> list[tuple]:
-    """Every ``(table, key, args)`` the config asks for, in the order they are computed."""
+    """Every ``(table, key, args)`` the config asks for, in the order they are computed.
+
+    The trained models come first (``'train'`` cells: the trained-score sampler grid needs the
+    ``plain`` ones, the trained likelihood table both weightings), then Table 2 before the
+    trained sampler grid, the longest part.
+    """
     t = config.tables
     cells = []
     if "sampler" in t.which:
-        samplers = [parse_sampler(s) for s in t.samplers]
-        for dim in t.dims:
-            for sde_name in t.sdes:
-                cells.append(("sampler", sampler_key(dim, sde_name, EXACT, "-"), (dim, sde_name, EXACT, samplers[0])))
-                for s in samplers:
-                    predictors = [CORRECTOR_ONLY] if not s.predictor else list(t.predictors)
-                    for p in predictors:
-                        if p == "ancestral_sampling" and sde_name == "subvpsde":
-                            continue  # not defined for sub-VP (sampling.AncestralSamplingPredictor)
-                        cells.append(("sampler", sampler_key(dim, sde_name, p, s.name), (dim, sde_name, p, s)))
+        cells += _grid_cells(config, "sampler", t.samplers, t.dims)
     if "likelihood" in t.which:
-        for dim in t.dims:
-            for sde_name in t.sdes:
-                cells.append(("likelihood", f"d{dim}/{sde_name}", (dim, sde_name)))
+        cells += [("likelihood", f"d{dim}/{s}", (dim, s)) for dim in t.dims for s in t.sdes]
+    weightings = WEIGHTINGS if "trained_likelihood" in t.which else ("plain",) if "trained_sampler" in t.which else ()
+    dims = t.trained_dims
+    cells += [("train", train_key(dim, s, w), (dim, s, w)) for dim in dims for s in t.sdes for w in weightings]
+    if "trained_likelihood" in t.which:
+        cells += [("trained_likelihood", train_key(dim, s, w), (dim, s, w))
+                  for dim in dims for s in t.sdes for w in WEIGHTINGS]
+    if "trained_sampler" in t.which:
+        cells += _grid_cells(config, "trained_sampler", t.trained_samplers, dims)
     return cells
 
 
@@ -398,10 +523,10 @@ def run(config, workdir: str) -> dict:
     ours = paper_results.measure_all(paper, config.tables.eval_root) if paper else {}
     os.makedirs(workdir, exist_ok=True)
     path = os.path.join(workdir, "tables.json")
-    store = _load_store(path, _fingerprint(config))
+    store = _load_store(path, config)
     handler = reporting.add_log_file(os.path.join(workdir, "tables_log.txt"))
     try:
-        _compute(config, store, path)
+        _compute(config, store, path, workdir)
         store["claims"] = tables_report.claims(config, store)
         _save_store(path, store)
         text = tables_report.markdown(config, store, paper, ours)
@@ -414,20 +539,37 @@ def run(config, workdir: str) -> dict:
     return store
 
 
-def _compute(config, store: dict, path: str) -> None:
+def _compute(config, store: dict, path: str, workdir: str) -> None:
     todo = [c for c in planned_cells(config) if c[1] not in store[c[0]]]
     total = len(planned_cells(config))
     done = total - len(todo)
     logging.info("tables: %d cells, %d stored, %d to compute", total, done, len(todo))
     progress = reporting.Progress(done, total)
     truths: dict = {}
+    models: dict = {}
+    likelihood_fns: dict = {}
+
+    def trained(dim, sde_name, weighting):
+        if (dim, sde_name, weighting) not in models:
+            models[dim, sde_name, weighting] = load_trained(config, workdir, store, dim, sde_name, weighting)
+        return models[dim, sde_name, weighting]
+
     for table, key, args in todo:
         start = time.perf_counter()
-        if table == "sampler":
-            dim = args[0]
-            if dim not in truths:
-                truths[dim] = Truth(config, dim)
-            store[table][key] = sampler_cell(config, truths[dim], *args[1:])
+        if table in ("sampler", "trained_sampler"):
+            dim, sde_name = args[:2]
+            is_trained = table == "trained_sampler"
+            if (dim, is_trained) not in truths:
+                truths[dim, is_trained] = Truth(config, dim, trained=is_trained)
+            kwargs = {}
+            if is_trained:
+                model, params = trained(dim, sde_name, "plain")
+                kwargs["score_for"] = lambda sde, m=model, p=params, d=dim: mixture_training.score_fn(sde, m, p, d)
+            store[table][key] = sampler_cell(config, truths[dim, is_trained], *args[1:], **kwargs)
+        elif table == "train":
+            store[table][key] = train_cell(config, workdir, *args)
+        elif table == "trained_likelihood":
+            store[table][key] = trained_likelihood_cell(config, *trained(*args), *args[:2], cache=likelihood_fns)
         else:
             store[table][key] = likelihood_cell(config, *args)
         _save_store(path, store)

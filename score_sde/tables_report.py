@@ -30,8 +30,8 @@ def _fmt(mean: float, half: float, pattern: str) -> str:
     return pattern.format(mean) + ("" if math.isnan(half) else " ± " + pattern.format(half).lstrip("+"))
 
 
-def _cell(store: dict, dim, sde, predictor, sampler) -> dict | None:
-    return store["sampler"].get(T.sampler_key(dim, sde, predictor, sampler))
+def _cell(store: dict, dim, sde, predictor, sampler, table: str = "sampler") -> dict | None:
+    return store.get(table, {}).get(T.sampler_key(dim, sde, predictor, sampler))
 
 
 def _ci(cell: dict | None, metric: str) -> tuple[float, float]:
@@ -40,9 +40,9 @@ def _ci(cell: dict | None, metric: str) -> tuple[float, float]:
     return T.mean_ci(cell[metric])
 
 
-def _grid(config) -> dict:
-    """The sampler names playing P<N>, P<2N>, C<2N>, PC<N> in this config (None where absent)."""
-    samplers = [T.parse_sampler(s) for s in config.tables.samplers]
+def _grid(config, names=None) -> dict:
+    """The sampler names playing P<N>, P<2N>, C<2N>, PC<N> among ``names`` (default ``config.tables.samplers``)."""
+    samplers = [T.parse_sampler(s) for s in (config.tables.samplers if names is None else names)]
     p = sorted((s for s in samplers if s.predictor and not s.corrector_steps), key=lambda s: s.num_scales)
     base = p[0].num_scales if p else None
     pick = lambda cond: next((s.name for s in samplers if cond(s)), None)
@@ -142,6 +142,7 @@ def claims(config, store: dict) -> list:
                           "yes for FID, except VP ancestral sampling (Table 1)",
                           [(label(d, s, p), _cell(store, d, s, p, g["P"]), _cell(store, d, s, p, g["P2"]))
                            for d, s in where for p in preds(s)]))
+    out += _trained_likelihood_claims(config, store)
     lik = store.get("likelihood", {})
     if lik:
         errors = {key: float(np.max(np.abs(c["solver"]))) for key, c in sorted(lik.items())}
@@ -154,18 +155,80 @@ def claims(config, store: dict) -> list:
     return out
 
 
+def solver_spread(cell: dict) -> float:
+    """The spread (max − min) of the data-set mean bits/dim over the swept ODE tolerances."""
+    return float(max(cell["tol_means"]) - min(cell["tol_means"]))
+
+
+def hutchinson_error(cell: dict) -> float:
+    """Standard error of the reported mean bits/dim from the Hutchinson probes (sd of per-probe means / √K)."""
+    means = np.asarray(cell["probe_means"])
+    return float(means.std(ddof=1) / math.sqrt(means.size))
+
+
+def _bpd_difference(worse: dict | None, better: dict | None) -> tuple[float, float] | None:
+    """Mean and half-width of ``worse − better`` bits/dim: a 95% interval over the (shared) data points,
+    widened by both cells' solver-tolerance spreads (a bias, so added, not combined in quadrature)."""
+    if not worse or not better:
+        return None
+    mean, half = T.mean_ci(np.asarray(worse["ode"]) - np.asarray(better["ode"]))
+    return mean, half + solver_spread(worse) + solver_spread(better)
+
+
+def _bpd_claim(text: str, paper: str, pairs: list) -> dict:
+    """``pairs``: ``(where, worse cell, better cell)`` of the trained-likelihood table (see :func:`_bpd_difference`)."""
+    diffs = [(where, _bpd_difference(worse, better)) for where, worse, better in pairs]
+    verdicts = [_verdict(d) for _, d in diffs]
+    tally = {v: verdicts.count(v) for v in ("holds", "does not hold", "inconclusive")}
+    n = len(verdicts)
+    overall = ("not measured" if not n else "holds" if tally["holds"] == n else
+               "does not hold" if tally["does not hold"] == n else "inconclusive")
+    return {"claim": text, "paper": paper, "overall": {"bits/dim": overall}, "tally": {"bits/dim": tally},
+            "instances": [{"where": where, "bits/dim": {"verdict": v, "difference": None if d is None else list(d)}}
+                          for (where, d), v in zip(diffs, verdicts)]}
+
+
+def _exact_as_cell(cell: dict) -> dict:
+    """The exact NLL of a trained-likelihood cell's points as a cell of its own (no solver spread)."""
+    return {"ode": cell["exact"], "tol_means": [0.0]}
+
+
+def _trained_likelihood_claims(config, store: dict) -> list:
+    """Table 2's claims on the trained models: likelihood weighting lowers NLL; subVP ≤ VP; no model beats the truth."""
+    t, lik = config.tables, store.get("trained_likelihood", {})
+    if not lik:
+        return []
+    get = lambda d, s, w: lik.get(T.train_key(d, s, w))
+    label = lambda d, s, w="": f"{d}-D {SDE_LABELS[s]}" + (f" ({w})" if w else "")
+    out = [_bpd_claim("likelihood weighting (λ = g²) lowers the NLL (bits/dim) of the trained model",
+                      "yes (Table 2: every model trained with likelihood weighting has a lower NLL)",
+                      [(label(d, s), get(d, s, "plain"), get(d, s, "likelihood"))
+                       for d in t.trained_dims for s in t.sdes])]
+    if {"vpsde", "subvpsde"} <= set(t.sdes):
+        out.append(_bpd_claim("subVP has a lower NLL than VP (the same training otherwise)",
+                              "yes (Table 2: subVP ≤ VP in every pair)",
+                              [(label(d, "vpsde", w), get(d, "vpsde", w), get(d, "subvpsde", w))
+                               for d in t.trained_dims for w in T.WEIGHTINGS]))
+    out.append(_bpd_claim("no trained model beats the exact NLL of the data (Gibbs' inequality; a sanity check)",
+                          "— (ground truth the paper did not have)",
+                          [(label(d, s, w), get(d, s, w), get(d, s, w) and _exact_as_cell(get(d, s, w)))
+                           for d in t.trained_dims for s in t.sdes for w in T.WEIGHTINGS]))
+    return out
+
+
 # ---------------------------------------------------------------------------------------------
 # Markdown
 # ---------------------------------------------------------------------------------------------
-def _sampler_tables(config, store: dict) -> list[str]:
+def _sampler_tables(config, store: dict, table: str = "sampler") -> list[str]:
     t = config.tables
-    samplers = [T.parse_sampler(s) for s in t.samplers]
+    trained = table == "trained_sampler"
+    samplers = [T.parse_sampler(s) for s in (t.trained_samplers if trained else t.samplers)]
     rows = list(t.predictors) + [T.CORRECTOR_ONLY, T.EXACT]
     lines = []
-    for dim in t.dims:
+    for dim in (t.trained_dims if trained else t.dims):
         for metric, title, pattern in METRICS:
             cols = [(s, smp) for s in t.sdes for smp in samplers]
-            lines += [f"#### {dim}-D mixture: {title}", "",
+            lines += [f"#### {dim}-D mixture, {'trained' if trained else 'exact'} score: {title}", "",
                       "| sampler (score evaluations) | " + " | ".join(f"{SDE_LABELS[s]} {smp.name} ({smp.nfe})"
                                                                   for s, smp in cols) + " |",
                       "|---" * (len(cols) + 1) + "|"]
@@ -174,7 +237,7 @@ def _sampler_tables(config, store: dict) -> list[str]:
                 for s, smp in cols:
                     name = "-" if row == T.EXACT else smp.name
                     applies = (row == T.EXACT) or (row == T.CORRECTOR_ONLY) == (not smp.predictor)
-                    cell = _cell(store, dim, s, row, name) if applies else None
+                    cell = _cell(store, dim, s, row, name, table) if applies else None
                     text = _fmt(*_ci(cell, metric), pattern) if cell else "–"
                     if cell and cell["diverged"]:
                         text += f" ({cell['diverged']} diverged)"
@@ -200,12 +263,38 @@ def _likelihood_table(config, store: dict) -> list[str]:
     return lines + [""]
 
 
+def _trained_likelihood_table(config, store: dict) -> list[str]:
+    t = config.tables
+    lines = ["| data | SDE | weighting | training loss (first → last 10%) | exact NLL | ODE bits/dim ± 95% CI "
+             "over points | Hutchinson s.e. | tolerance sweep (rtol = atol: mean) | solver spread | ODE − exact | "
+             "ODE evaluations |", "|---" * 11 + "|"]
+    for d in t.trained_dims:
+        for s in t.sdes:
+            for w in T.WEIGHTINGS:
+                key = T.train_key(d, s, w)
+                c, tr = store.get("trained_likelihood", {}).get(key), store.get("train", {}).get(key)
+                if not c:
+                    continue
+                sweep = ", ".join(f"{tol:.0e}: {m:.4f}" for tol, m in zip(c["tolerances"], c["tol_means"]))
+                diff = np.asarray(c["ode"]) - np.asarray(c["exact"])
+                loss = f"{tr['loss_first']:.3g} → {tr['loss_last']:.3g}" if tr else "n/a"
+                cols = [loss, _fmt(*T.mean_ci(c["exact"]), "{:.4f}"), _fmt(*T.mean_ci(c["ode"]), "{:.4f}"),
+                        f"{hutchinson_error(c):.1e} ({len(c['probe_means'])} probes)", sweep,
+                        f"{solver_spread(c):.1e}", _fmt(*T.mean_ci(diff), "{:+.4f}"),
+                        " / ".join(map(str, c["nfe"]))]
+                lines.append(f"| {d}-D mixture | {SDE_LABELS[s]} | {'λ = g² (likelihood)' if w == 'likelihood' else 'λ = std²'} | "
+                             + " | ".join(cols) + " |")
+    return lines + [""]
+
+
 def _claims_section(claim_list: list) -> list[str]:
     lines = ["## Which of the paper's claims hold at this scale", "",
              "Generated from the measured cells. Each instance compares two cells on two distances to the truth, "
              "sliced W1 (SW) and the absolute mean log-density error |Δ log p|: it holds when the 95% interval "
              "of (worse − better), paired by seed, lies above 0, does not hold when below 0, and is inconclusive "
-             "when it contains 0 (the samplers are then closer to each other than this many samples resolve).", ""]
+             "when it contains 0 (the samplers are then closer to each other than this many samples resolve). "
+             "The bits/dim claims compare trained models on the same data points: a 95% interval of the paired "
+             "difference over points, widened by both models' solver-tolerance spreads.", ""]
     for c in claim_list:
         overall = "; ".join(f"{CLAIM_METRICS.get(m, m)}: **{v}**" + (
             " (" + ", ".join(f"{k} {n}" for k, n in c["tally"][m].items() if n) + ")" if c["tally"].get(m) else "")
@@ -228,8 +317,9 @@ def markdown(config, store: dict, paper: dict | None, ours: dict) -> str:
     t = config.tables
     lines = ["# The paper's tables at CPU scale, with ground truth", "",
              "Produced by `python main.py --mode tables --config <config> --workdir <dir>` "
-             "(`score_sde.tables.run`). Gaussian mixtures with exact scores (`score_sde/toy.py`): every number "
-             "below is the error of the numerical method alone. Intervals: 95% over "
+             "(`score_sde.tables.run`). Gaussian mixtures with exact scores (`score_sde/toy.py`): in the "
+             "exact-score tables every number is the error of the numerical method alone; the trained-model "
+             "tables (where present) add the learning error of small trained networks. Intervals: 95% over "
              f"{t.seeds} seeds of {t.num_samples} samples (sampler table) or over {t.likelihood_points} "
              f"data points (likelihood table). SDEs: VE σ ∈ [{config.model.sigma_min}, {config.model.sigma_max}], "
              f"VP / subVP β ∈ [{config.model.beta_min}, {config.model.beta_max}] (the paper's CIFAR-10 values); "
@@ -245,6 +335,25 @@ def markdown(config, store: dict, paper: dict | None, ours: dict) -> str:
                   f"rtol = {t.likelihood_rtol}, atol = {t.likelihood_atol}. ODE − exact = the method's bias: "
                   "the prior-mismatch term (known here) plus p_eps vs p_0 plus the solver error.", ""]
         lines += _likelihood_table(config, store)
+    if "trained_likelihood" in t.which:
+        lines += ["## Table 2 analogue: bits/dim of trained small models, with and without likelihood weighting", "",
+                  f"Residual MLPs (`models/mlp.py`: width {t.train_width}, {t.train_blocks} blocks) trained "
+                  f"{t.train_steps} steps (batch {t.train_batch_size}, lr {t.train_lr}) through `run_lib`'s train step "
+                  "on fresh mixture draws (`score_sde/mixture_training.py`), with the paper's weighting λ = std² or "
+                  "likelihood weighting λ = g² (no importance sampling). Bits/dim of continuous data through the "
+                  f"probability-flow ODE on {t.nll_points} fresh mixture points (the same for every model), beside "
+                  "their exact NLL. Three error bars: the 95% interval over data points (± after the value), the "
+                  f"Hutchinson standard error of the mean over {t.nll_probes} Rademacher probes, and the spread of "
+                  "the mean over the ODE tolerances swept (the first one is reported). ODE − exact is the learning "
+                  "error plus the method's bias (the exact-score table above bounds the latter).", ""]
+        lines += _trained_likelihood_table(config, store)
+    if "trained_sampler" in t.which:
+        lines += ["## Table 1 analogue with trained scores: the learning error added", "",
+                  f"The same grid sampled with the trained score (the λ = std² models above) instead of the exact one, "
+                  f"{t.trained_seeds} seeds of {t.trained_num_samples} samples (fewer than the exact-score grid: "
+                  "the noise floor, row 'exact samples', is measured at this size and is higher). The difference "
+                  "from the exact-score table is the learning error.", ""] + _sampler_tables(config, store,
+                                                                                             "trained_sampler")
     lines += _claims_section(store.get("claims", []))
     if paper is not None:
         lines.append(paper_results.markdown(paper, ours))
@@ -313,12 +422,18 @@ def plots(config, store: dict, workdir: str) -> list[str]:
     image.save(paths[0])
     if 2 in t.dims:
         paths.append(_samples_plot(config, store, workdir))
+    if "trained_sampler" in t.which and 2 in t.trained_dims:
+        paths.append(_samples_plot(config, store, workdir, "trained_sampler"))
     return paths
 
 
-def _samples_plot(config, store: dict, workdir: str) -> str:
-    """2-D samples (first seed) of the exact sampler and each predictor at P<N> and PC<N>, per SDE."""
-    t, g = config.tables, _grid(config)
+def _samples_plot(config, store: dict, workdir: str, table: str = "sampler") -> str:
+    """2-D samples (first seed) of the exact sampler and each predictor at P<N> and PC<N>, per SDE.
+
+    ``table='trained_sampler'``: with the trained score, to ``samples_2d_trained.png``.
+    """
+    t = config.tables
+    g = _grid(config, t.trained_samplers if table == "trained_sampler" else None)
     columns = [(T.EXACT, "-")] + [(p, n) for p in t.predictors for n in (g["P"], g["PC"]) if n]
     columns += [(T.CORRECTOR_ONLY, g["C2"])] if g["C2"] else []
     size = 170
@@ -329,11 +444,11 @@ def _samples_plot(config, store: dict, workdir: str) -> str:
             x0, y0 = j * size, i * size
             draw.rectangle((x0 + 1, y0 + 1, x0 + size - 2, y0 + size - 2), outline=(0, 0, 0))
             draw.text((x0 + 4, y0 + 3), f"{SDE_LABELS[s]} {ROW_LABELS[p]} {n if n != '-' else ''}", fill=(0, 0, 0))
-            cell = _cell(store, 2, s, p, n)
+            cell = _cell(store, 2, s, p, n, table)
             for px, py in (cell or {}).get("preview", []):
                 u, v = x0 + size / 2 + px * size / 11, y0 + size / 2 - py * size / 11
                 if x0 < u < x0 + size and y0 < v < y0 + size:
                     draw.point((u, v), fill=COLORS[p])
-    path = os.path.join(workdir, "samples_2d.png")
+    path = os.path.join(workdir, "samples_2d_trained.png" if table == "trained_sampler" else "samples_2d.png")
     image.save(path)
     return path

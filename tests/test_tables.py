@@ -222,3 +222,69 @@ def test_main_runs_the_tables_mode_and_a_bad_tables_config_is_one_line(tmp_path)
     assert proc.stderr.strip().splitlines()[-2:] == [
         "error: Invalid tables config:", "  config.tables.seeds = 1: a confidence interval needs at least 2 seeds"]
     assert not workdir.exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# Trained models (the learning error)
+# ---------------------------------------------------------------------------------------------
+def trained_config(**changes):
+    """Trained tables only: one SDE in 2-D, a tiny network trained 20 steps (seconds to run)."""
+    config = tiny_config(which=("likelihood",), sdes=("vpsde",), trained_dims=(2,), train_steps=20, train_width=16,
+                         train_blocks=1, train_batch_size=64, trained_samplers=("P30",), trained_num_samples=100,
+                         trained_seeds=2, nll_points=8, nll_probes=2, nll_tolerances=(1e-3, 1e-2))
+    for key, value in changes.items():
+        config.tables[key] = value
+    return config
+
+
+def test_trained_tables_extend_a_stored_run_and_resume(tmp_path, monkeypatch):
+    tables.run(trained_config(), str(tmp_path))  # a store made without the trained tables
+    config = trained_config(which=("likelihood", "trained_likelihood", "trained_sampler"))
+    store = tables.run(config, str(tmp_path))
+    assert set(store["train"]) == {"d2/vpsde/plain", "d2/vpsde/likelihood"}
+    for cell in store["train"].values():
+        assert (tmp_path / cell["file"]).exists() and cell["steps"] == 20
+    cell = store["trained_likelihood"]["d2/vpsde/likelihood"]
+    assert len(cell["ode"]) == 8 and np.all(np.isfinite(cell["ode"]))
+    assert len(cell["probe_means"]) == 2 and len(cell["tol_means"]) == 2
+    # The per-point value is the mean over the probes.
+    np.testing.assert_allclose(np.mean(cell["ode"]), np.mean(cell["probe_means"]), rtol=1e-6)
+    # The exact NLL column is -log2 p_0(x) / D of the mixture at those points.
+    mixture = tables.make_mixture(2)
+    x = mixture.sample(jax.random.fold_in(jax.random.PRNGKey(config.seed + 3), 2), 8)
+    np.testing.assert_allclose(cell["exact"], -np.asarray(mixture.log_prob(make_sde("vpsde"), x, jnp.zeros(8)))
+                               / (2 * np.log(2)), rtol=1e-5)
+    assert set(store["trained_sampler"]) == {"d2/vpsde/exact_samples/-", "d2/vpsde/reverse_diffusion/P30"}
+    text = (tmp_path / "tables.md").read_text()
+    assert "bits/dim of trained small models" in text and "2-D mixture, trained score: sliced W1" in text
+    claims = {c["claim"].split(" (")[0]: c for c in store["claims"]}
+    assert [i["where"] for i in claims["likelihood weighting"]["instances"]] == ["2-D VP"]
+
+    def no_training(*args):
+        raise AssertionError("a stored model was trained again")
+
+    monkeypatch.setattr(tables.mixture_training, "train", no_training)
+    tables.run(config, str(tmp_path))
+    before = (tmp_path / "tables.json").read_text()
+    with pytest.raises(ValueError, match="train_steps: 20 there, 30 now"):
+        tables.run(trained_config(which=("trained_likelihood",), train_steps=30), str(tmp_path))
+    assert (tmp_path / "tables.json").read_text() == before
+
+
+def _bpd_cell(values, tol_means=(0.0,)):
+    return {"ode": list(values), "tol_means": list(tol_means)}
+
+
+def test_bits_per_dim_claims_use_every_error_bar():
+    """Holds when the paired interval is above 0; the solver-tolerance spread widens it into 'inconclusive'."""
+    from score_sde import tables_report
+
+    rng = np.random.default_rng(0)
+    better = rng.normal(3.0, 0.5, 64)
+    worse = better + 0.1 + rng.normal(0.0, 0.01, 64)
+    holds = tables_report._bpd_claim("c", "p", [("here", _bpd_cell(worse), _bpd_cell(better))])
+    assert holds["overall"]["bits/dim"] == "holds"
+    wide = tables_report._bpd_claim("c", "p", [("here", _bpd_cell(worse, (3.0, 3.2)), _bpd_cell(better))])
+    assert wide["overall"]["bits/dim"] == "inconclusive"
+    reverse = tables_report._bpd_claim("c", "p", [("here", _bpd_cell(better), _bpd_cell(worse))])
+    assert reverse["overall"]["bits/dim"] == "does not hold"
