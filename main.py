@@ -26,7 +26,7 @@ FLAGS = flags.FLAGS
 
 config_flags.DEFINE_config_file("config", None, "Config file (configs/**.py).", lock_config=True)
 flags.DEFINE_string("workdir", None, "Working directory: checkpoints, samples, logs, TensorBoard events.")
-flags.DEFINE_string("mode", None, "Running mode: train, eval, fid_stats, sample or tables.")
+flags.DEFINE_string("mode", None, "Running mode: train, eval, fid_stats, sample, tables or train_deq.")
 flags.DEFINE_string("eval_folder", "eval", "Folder (inside workdir) for evaluation results.")
 flags.DEFINE_string("coordinator_address", None, "Multi-host: address host:port of process 0's coordinator.")
 flags.DEFINE_integer("num_processes", None, "Multi-host: number of processes.")
@@ -42,6 +42,7 @@ MODES = {
     "fid_stats": ("fid_stats", "eval"),
     "sample": ("sample", "eval"),
     "tables": ("tables", "eval"),
+    "train_deq": ("train_deq", "train"),
 }
 
 
@@ -131,6 +132,7 @@ def main(argv) -> None:
     import run_lib
     from score_sde.checkpoints import CorruptCheckpointError
     from score_sde.datasets import DatasetUnavailableError
+    from score_sde.dequantizer_train import DequantizerError
     from score_sde.paper_results import TablesError
 
     job = getattr(run_lib, function_name, None)
@@ -140,7 +142,7 @@ def main(argv) -> None:
     try:
         job(FLAGS.config, FLAGS.workdir, **kwargs)
     except (run_lib.TrainingDivergedError, run_lib.EvaluationError, run_lib.WorkdirConfigError,
-            DatasetUnavailableError, CorruptCheckpointError, TablesError) as err:
+            DatasetUnavailableError, CorruptCheckpointError, TablesError, DequantizerError) as err:
         _fail(str(err), code=1)
     except OSError as err:
         if err.errno not in _DISK_ERRNOS:

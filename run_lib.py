@@ -446,6 +446,14 @@ def _train(config, workdir, changes, sample_dir, tb_dir, checkpoint_dir, checkpo
     return parallel.unreplicate_to_host(pstate)
 
 
+def train_deq(config, workdir: str):
+    """score_flow's ``--mode train_deq``: train the Flow++ variational dequantiser against the score model of
+    ``workdir`` (see :func:`score_sde.dequantizer_train.train_deq`)."""
+    from score_sde import dequantizer_train  # noqa: PLC0415 (it imports this module)
+
+    return dequantizer_train.train_deq(config, workdir)
+
+
 # ----------------------------------------------------------------------------------------------
 # Evaluation (--mode eval) and dataset statistics (--mode fid_stats)
 # ----------------------------------------------------------------------------------------------
@@ -677,6 +685,8 @@ class _EvalJob:
     num_bpd_rounds: int = 0
     # the likelihood bound, on the bits/dim batches
     bound_fn: Callable | None = None
+    # eval.dequantizer: (keys, images in [0, 1]) -> (model inputs, bits/dim of log q(u | x)); None: uniform noise
+    dequantizer: Callable | None = None
     # samples and IS / FID / KID
     sampling_fn: Callable | None = None
     num_sampling_rounds: int = 0
@@ -721,6 +731,10 @@ def _build_job(config, eval_dir: str, checkpoint_dir: str, model_rng: jax.Array,
     if config.eval.get("enable_bound", False):
         job.bound_fn = _bound_fn(config, sde, score_model, inverse_scaler)
     if job.likelihood_fn is not None or job.bound_fn is not None:
+        if config.eval.get("dequantizer", False):
+            from score_sde import dequantizer_train  # noqa: PLC0415 (it imports this module)
+
+            job.dequantizer = dequantizer_train.load_eval_dequantizer(config, os.path.dirname(checkpoint_dir))
         job.bpd_images = _images_for_batches(config, job.bpd_dataset, global_batch)
         job.bpd_batches_per_repeat = len(job.bpd_images) // global_batch
         # The test split is gone over 5 times with fresh dequantisation noise, as the original.
@@ -787,9 +801,27 @@ def _bpd_batch(job: _EvalJob, bpd_round: int) -> np.ndarray:
     """
     seed = job.config.seed
     repeat, batch_id = divmod(bpd_round, job.bpd_batches_per_repeat)
-    order = np.random.default_rng([seed, repeat]).permutation(len(job.bpd_images))
-    batch = job.bpd_images[order[batch_id * job.global_batch:(batch_id + 1) * job.global_batch]]
-    return _host_rows(job.scaler(eval_records.dequantize(batch, (seed, 1, repeat, batch_id))), job.per_device)
+    batch = eval_records.dequantize(_bpd_images(job, bpd_round), (seed, 1, repeat, batch_id))
+    return _host_rows(job.scaler(batch), job.per_device)
+
+
+def _bpd_images(job: _EvalJob, bpd_round: int) -> np.ndarray:
+    """The undequantised images of bits/dim round ``bpd_round`` (all hosts'), in the order of :func:`_bpd_batch`."""
+    repeat, batch_id = divmod(bpd_round, job.bpd_batches_per_repeat)
+    order = np.random.default_rng([job.config.seed, repeat]).permutation(len(job.bpd_images))
+    return job.bpd_images[order[batch_id * job.global_batch:(batch_id + 1) * job.global_batch]]
+
+
+def _bpd_data(job: _EvalJob, bpd_round: int, keys: jax.Array) -> tuple[Any, Any]:
+    """``(data, extra_bpd)``: the model inputs of round ``bpd_round`` and the bits/dim their dequantisation adds.
+
+    Uniform noise adds 0; under ``eval.dequantizer`` the noise ``u ~ q(u | x)`` of the trained Flow++
+    dequantiser (drawn from ``keys``) adds ``log2 q(u | x) / D`` per example, (local_devices · per_device,).
+    """
+    if job.dequantizer is None:
+        return _bpd_batch(job, bpd_round), 0.0
+    images = eval_records.to_unit_float(_bpd_images(job, bpd_round))
+    return job.dequantizer(keys, _host_rows(images, job.per_device))
 
 
 def _eval_bpd(job: _EvalJob, ckpt: int, pstate, meta):
@@ -797,7 +829,8 @@ def _eval_bpd(job: _EvalJob, ckpt: int, pstate, meta):
     suffix = "" if parallel.process_count() == 1 else f"_host_{job.host}"
     for bpd_round in range(meta.bpd_rounds_done, job.num_bpd_rounds):
         rng, keys = device_keys(_meta_key(meta))
-        bpd = np.asarray(job.likelihood_fn(keys, pstate, _bpd_batch(job, bpd_round))[0]).reshape(-1)
+        data, extra_bpd = _bpd_data(job, bpd_round, keys)
+        bpd = np.asarray(job.likelihood_fn(keys, pstate, data)[0]).reshape(-1) + extra_bpd
         eval_records.write_npz(
             os.path.join(job.eval_dir, f"{job.bpd_dataset}_ckpt_{ckpt}_bpd_{bpd_round}{suffix}.npz"), bpd)
         repeat, batch_id = divmod(bpd_round, job.bpd_batches_per_repeat)
@@ -811,7 +844,8 @@ def _eval_bound(job: _EvalJob, ckpt: int, pstate, meta):
     suffix = "" if parallel.process_count() == 1 else f"_host_{job.host}"
     for bound_round in range(meta.bound_rounds_done, job.num_bpd_rounds):
         rng, keys = device_keys(_meta_key(meta))
-        bound = np.asarray(job.bound_fn(keys, pstate, _bpd_batch(job, bound_round))[0]).reshape(-1)
+        data, extra_bpd = _bpd_data(job, bound_round, keys)
+        bound = np.asarray(job.bound_fn(keys, pstate, data)[0]).reshape(-1) + extra_bpd
         eval_records.write_npz(
             os.path.join(job.eval_dir, f"{job.bpd_dataset}_ckpt_{ckpt}_bound_{bound_round}{suffix}.npz"), bound)
         repeat, batch_id = divmod(bound_round, job.bpd_batches_per_repeat)

@@ -13,6 +13,7 @@ about ten minutes on two CPU cores and samples recognisable digits:
 import ml_collections
 
 from configs.default_cifar10_configs import get_default_configs as get_cifar10_defaults
+from configs.score_flow.default_cifar10_configs import add_deq_defaults
 
 
 def get_default_configs() -> ml_collections.ConfigDict:
@@ -91,6 +92,13 @@ def get_default_configs() -> ml_collections.ConfigDict:
     optim.lr = 1e-3
     optim.warmup = 100
     optim.grad_clip = 1.
+
+    # variational dequantisation (--mode train_deq, eval.dequantizer): score_flow's fields, a smaller network
+    evaluate.dequantizer = False
+    deq = add_deq_defaults(config).deq
+    deq.n_iters = 500
+    deq.filters = 32
+    deq.components = 8
 
     config.seed = 42
     return config

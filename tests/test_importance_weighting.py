@@ -277,7 +277,7 @@ def test_importance_weighted_loss_matches_score_flow(name, reduce_mean, train, f
 
 # --------------------------------------------------------------------------- score_flow's configs
 # Fields of score_flow's configs this port leaves out (see configs/score_flow/default_cifar10_configs.py).
-NOT_CARRIED = ("deq.", "eval.dequantizer", "eval.ckpt_id", "model.data_init", "model.trainable_embedding")
+NOT_CARRIED = ("eval.ckpt_id", "model.data_init", "model.trainable_embedding")
 
 
 def _flat_config(tree, prefix=""):

@@ -9,8 +9,14 @@ Added fields (read by ``losses`` / ``bound_likelihood`` through ``run_lib``):
   ``eval.dsm``: its denoising (else sliced) score-matching form; ``eval.offset``: its ``p_eps -> p_0`` term.
 * ``eval.num_repeats``: passes over the test split for bits/dim.
 
-Not carried over: score_flow's ``deq.*`` / ``eval.dequantizer`` (Flow++ dequantiser, not ported),
-``eval.ckpt_id`` (the dequantiser's checkpoint), ``model.data_init`` and ``model.trainable_embedding``
+* ``deq.*``: the Flow++ variational dequantiser (``--mode train_deq``, ``score_sde/dequantizer_train.py``):
+  score_flow's ``n_iters``, ``ema_rate``, ``dropout``, ``offset`` (the bound's ``p_eps -> p_0`` term in its
+  loss), plus its network's size (``filters``, ``components``, ``blocks``, ``attn_heads``: score_flow's
+  CIFAR-10 values, fixed in its code) and ``score_ckpt``, the score checkpoint it is trained against
+  (0: the newest; score_flow read ``eval.ckpt_id``).
+* ``eval.dequantizer``: bits/dim under the trained dequantiser instead of uniform noise.
+
+Not carried over: ``eval.ckpt_id`` (see ``deq.score_ckpt``), ``model.data_init`` and ``model.trainable_embedding``
 (nothing in score_flow's score model path reads them with their default values).
 """
 import ml_collections
@@ -33,6 +39,23 @@ def apply_score_flow_defaults(config: ml_collections.ConfigDict) -> ml_collectio
     evaluate.bound = False
     evaluate.dsm = True
     evaluate.offset = True
+    evaluate.dequantizer = False
+    add_deq_defaults(config)
+    return config
+
+
+def add_deq_defaults(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """Add score_flow's ``deq`` section (the Flow++ dequantiser, CIFAR-10 sizes) to ``config`` (in place)."""
+    config.deq = deq = ml_collections.ConfigDict()
+    deq.n_iters = 300001
+    deq.ema_rate = 0.99
+    deq.dropout = 0.0
+    deq.offset = True
+    deq.filters = 96
+    deq.components = 32
+    deq.blocks = 2
+    deq.attn_heads = 4
+    deq.score_ckpt = 0
     return config
 
 
