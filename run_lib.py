@@ -1118,6 +1118,8 @@ def _sample_folder(workdir: str, method: str, ckpt: int, settings: dict) -> tupl
 # The reverse-process GIF: at most this many images, about this many frames (plus the first and the last).
 GIF_IMAGES = 16
 GIF_FRAMES = 10
+# 2-D data: the paths of this many samples in score_field.png.
+PLOT_PATHS = 64
 
 
 def _recording(config, shape):
@@ -1146,8 +1148,6 @@ def _plot_score_field(config, sde, model, state, sampling_eps: float, shape, pat
 
 
 def _write_gif(frames: list[np.ndarray], path: str, upscale: int) -> None:
-# 2-D data: the paths of this many samples in score_field.png.
-PLOT_PATHS = 64
     """``frames`` (images in [0, 1]) as grids in an animated GIF, 0.2 s a frame, the last held 2 s, looping."""
     from PIL import Image  # noqa: PLC0415 (only the GIF needs it here)
 
