@@ -102,7 +102,8 @@ class MixLogisticAttnCoupling(nn.Module):
     min_logscale: float = -7.0
 
     def conditioner(self, a, context, train):
-        """(B, H, W', C) half, (B, H, W', C') context -> logits, means, logscales (B, H, W', C, K); s, t (B, H, W', C)."""
+        """Half (B, H, W', C), context (B, H, W', C') -> mixture logits, means, logscales (B, H, W', C, K), s, t
+        (B, H, W', C)."""
         batch, height, width, channels = a.shape
         pos_emb = self.param("pos_emb", nn.initializers.normal(stddev=0.01), (height, width, self.filters))
         x = layers.conv2d(self, a, name="proj_in", num_units=self.filters)
