@@ -77,9 +77,12 @@ EXACT = "exact_samples"
 # Fields of config that change a stored cell's numbers: a stored file made with others is refused.
 FINGERPRINT_FIELDS = ("num_samples", "seeds", "snr", "projections", "mmd_points", "likelihood_points",
                       "likelihood_rtol", "likelihood_atol")
-# Fields of the trained tables (a separate fingerprint: stores made before these tables existed stay usable).
-TRAIN_FINGERPRINT_FIELDS = ("train_steps", "train_batch_size", "train_width", "train_blocks", "train_lr",
-                            "trained_num_samples", "trained_seeds", "nll_points", "nll_probes", "nll_tolerances")
+# Fields of the trained tables, one fingerprint per group of cells they change: stores made before these
+# tables existed stay usable, and new likelihood settings do not discard the trained models.
+TRAINED_FINGERPRINT_FIELDS = {
+    "train": ("train_steps", "train_batch_size", "train_width", "train_blocks", "train_lr"),
+    "trained_sampler": ("trained_num_samples", "trained_seeds"),
+    "trained_likelihood": ("nll_points", "nll_probes", "nll_tolerances")}
 PREVIEW_POINTS = 400
 
 
@@ -424,8 +427,8 @@ def _fingerprint(config) -> dict:
     return json.loads(json.dumps(fp))
 
 
-def _train_fingerprint(config) -> dict:
-    return json.loads(json.dumps({f: config.tables[f] for f in TRAIN_FINGERPRINT_FIELDS}))
+def _trained_fingerprint(config, group: str) -> dict:
+    return json.loads(json.dumps({f: config.tables[f] for f in TRAINED_FINGERPRINT_FIELDS[group]}))
 
 
 def _refuse_if_different(path: str, stored: dict, fingerprint: dict) -> None:
@@ -438,8 +441,9 @@ def _refuse_if_different(path: str, stored: dict, fingerprint: dict) -> None:
 def _load_store(path: str, config) -> dict:
     """The stored cells, or an empty store; a store made with settings that change the numbers is refused.
 
-    The trained tables' settings are checked only when the config asks for a trained table and the
-    store holds trained cells, so a store made before those tables existed keeps its cells.
+    The trained tables' settings are checked per group (:data:`TRAINED_FINGERPRINT_FIELDS`) only when
+    the config asks for a trained table and the store holds cells that depend on the group (the
+    models: every trained cell), so a store made before those tables existed keeps its cells.
     """
     fingerprint = _fingerprint(config)
     store = {"fingerprint": fingerprint}
@@ -448,10 +452,12 @@ def _load_store(path: str, config) -> dict:
             store = json.load(f)
         _refuse_if_different(path, store.get("fingerprint", {}), fingerprint)
     if set(TRAINED) & set(config.tables.which):
-        trained_cells = any(store.get(table) for table in ("train",) + TRAINED)
-        if trained_cells:
-            _refuse_if_different(path, store.get("train_fingerprint", {}), _train_fingerprint(config))
-        store["train_fingerprint"] = _train_fingerprint(config)
+        stored = store.setdefault("trained_fingerprints", {})
+        for group in TRAINED_FINGERPRINT_FIELDS:
+            dependent = ("train",) + TRAINED if group == "train" else (group,)
+            if any(store.get(table) for table in dependent):
+                _refuse_if_different(path, stored.get(group, {}), _trained_fingerprint(config, group))
+            stored[group] = _trained_fingerprint(config, group)
     for table in ("sampler", "likelihood", "train") + TRAINED:
         store.setdefault(table, {})
     return store
