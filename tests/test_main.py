@@ -21,7 +21,7 @@ def _main(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
 
 @pytest.mark.parametrize("args,message", [
     (["--config", "configs/vp/digits.py", "--workdir", "w", "--mode", "smaple"],
-     "error: --mode='smaple' is not a mode; use one of train, eval, fid_stats, sample, tables."),
+     "error: --mode='smaple' is not a mode; use one of train, eval, fid_stats, sample, tables, train_deq."),
     (["--config", "configs/vp/digits.py", "--mode", "train"],
      "error: --workdir is required: the folder for checkpoints, samples and logs."),
     (["--workdir", "w", "--mode", "train"],
