@@ -1,25 +1,24 @@
-"""Memory of one training step, with and without ``config.model.remat``, from XLA's compiled memory analysis.
+"""Memory of one training step, with and without ``config.model.remat`` (and in bfloat16), per device.
 
-For each config the train step that ``run_lib.train`` runs (``run_lib.make_train_and_eval_steps``: forward,
-backward, Adam, EMA; one step per call, one device) is lowered and compiled for per-device batches 1 and 2,
-never run: parameters and optimizer state are only traced (``jax.eval_shape``). From
-``compiled.memory_analysis()`` it reports, in bytes:
+Two measures:
 
-* ``argument``: the step's inputs (state: params, Adam moments, EMA; the batch; the rng);
-* ``output``: its outputs (the new state, the loss);
-* ``alias``: outputs written into donated inputs (the state is donated, so the new state reuses it);
-* ``temp``: XLA's scratch buffers (activations kept for the backward pass, gradients, ...);
-* ``peak = argument + output - alias + temp``: everything live at once, counting an aliased buffer once.
+* ``--method residuals`` (default; tracing only, about a minute per model on a CPU): the bytes the
+  forward pass saves for the backward pass (``saved_residuals`` of the training loss as a function of the
+  parameters; the parameters themselves not counted), and the estimate
+  ``peak ≈ 5·P + residuals``, ``P`` the parameter bytes: parameters, Adam's two moments and the EMA
+  (the state, donated, so the new state reuses it) plus the gradients. It leaves out XLA's scratch and the
+  transient buffers of the backward pass (with remat: one block's activations, recomputed at a time), so it
+  is a lower bound of the real peak.
+* ``--method xla``: XLA's compiled memory analysis of the pmapped train step that ``run_lib.train`` runs
+  (``compiled.memory_analysis()``: ``peak = argument + output - alias + temp``, an aliased buffer counted
+  once). Exact for the backend it compiles for, but compiling a full-size train step takes many minutes on
+  a CPU (see docs/performance.md).
 
-The largest batch per device that fits a budget (default 80 GiB) is extrapolated linearly from batches 1
-and 2: ``peak(b) = fixed + b * per_image``. The figures are XLA:CPU's buffer assignment for the
-default backend; another backend's compiler fuses and schedules differently, so treat them as estimates.
+Each measure is taken at per-device batches 1 and 2; the largest batch that fits ``--budget-gib`` (80 by
+default) is extrapolated linearly, ``peak(b) = fixed + b·per_image``.
 
-    python benchmarks/memory.py [--configs vp/cifar10_ddpmpp_deep_continuous,...] [--timeout 1200]
+    python benchmarks/memory.py [--configs vp/cifar10_ddpmpp_deep_continuous,...] [--method residuals|xla]
                                 [--budget-gib 80] [--out results.json]
-
-Each (config, remat) pair compiles in its own process; one that exceeds ``--timeout`` seconds is reported
-as such.
 """
 from __future__ import annotations
 
@@ -27,18 +26,50 @@ import argparse
 import importlib
 import json
 import os
-import subprocess
 import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_CONFIGS = ("vp/cifar10_ddpmpp_deep_continuous", "ve/celebahq_256_ncsnpp_continuous",
                    "ve/ffhq_ncsnpp_continuous")
-FIELDS = ("argument", "output", "alias", "temp")
+# (model.remat, model.dtype) per row
+VARIANTS = ((False, "float32"), (True, "float32"), (True, "bfloat16"))
+GIB = 2.0 ** 30
 
 
-def step_memory(config, batch_size: int) -> dict:
-    """XLA's memory analysis (bytes, see the module docstring) of ``config``'s train step at ``batch_size``."""
+def _nbytes(tree) -> int:
+    import jax
+    import numpy as np
+
+    return sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize for x in jax.tree_util.tree_leaves(tree))
+
+
+def residual_memory(config, batch_size: int) -> dict:
+    """Bytes of the parameters and of the residuals the training loss saves for its gradient, at ``batch_size``."""
+    import jax
+    import jax.numpy as jnp
+    from jax._src.ad_checkpoint import saved_residuals  # public only as print_saved_residuals
+
+    import losses
+    import sde_lib
+    from models import utils as mutils
+
+    model = mutils.create_model(config)
+    params = jax.eval_shape(lambda: mutils.init_model(jax.random.PRNGKey(0), config)[2])
+    sde, _ = sde_lib.get_sde(config)
+    loss_fn = losses.get_sde_loss_fn(sde, model, train=True, reduce_mean=config.training.reduce_mean,
+                                     continuous=config.training.continuous,
+                                     likelihood_weighting=config.training.likelihood_weighting)
+    batch = {"image": jnp.zeros(mutils.model_input_shape(config, batch_size))}
+    residuals = saved_residuals(lambda p: loss_fn(jax.random.PRNGKey(0), p, {}, batch)[0], params)
+    saved = [aval for aval, origin in residuals if "argument" not in origin]  # parameters: counted in the state
+    result = {"batch": batch_size, "params": _nbytes(params), "residuals": _nbytes(saved)}
+    result["peak"] = 5 * result["params"] + result["residuals"]
+    return result
+
+
+def xla_memory(config, batch_size: int) -> dict:
+    """XLA's memory analysis (bytes) of ``config``'s pmapped train step at ``batch_size``, compiled, not run."""
     import jax
     import jax.numpy as jnp
 
@@ -47,90 +78,71 @@ def step_memory(config, batch_size: int) -> dict:
     import sde_lib
     from models import utils as mutils
 
-    model = mutils.create_model(config)
     state = jax.eval_shape(lambda key: losses.init_train_state(key, config)[1], jax.random.PRNGKey(0))
     sde, _ = sde_lib.get_sde(config)
-    p_train_step, _ = run_lib.make_train_and_eval_steps(config, sde, model)
+    p_train_step, _ = run_lib.make_train_and_eval_steps(config, sde, mutils.create_model(config))
 
     def per_device(x):  # one device: a leading device axis of 1
         return jax.ShapeDtypeStruct((1,) + tuple(x.shape), x.dtype)
 
-    image = (config.data.image_size, config.data.image_size, config.data.num_channels)
-    batch = {"image": jax.ShapeDtypeStruct((1, 1, batch_size) + image, jnp.float32)}
+    batch = {"image": jax.ShapeDtypeStruct((1, 1) + mutils.model_input_shape(config, batch_size), jnp.float32)}
     rng = jax.ShapeDtypeStruct((1, 2), jnp.uint32)
-    t0 = time.perf_counter()
     stats = p_train_step.lower((rng, jax.tree_util.tree_map(per_device, state)), batch).compile().memory_analysis()
-    result = {"batch": batch_size, "compile_s": round(time.perf_counter() - t0, 1),
-              "argument": stats.argument_size_in_bytes, "output": stats.output_size_in_bytes,
+    result = {"batch": batch_size, "argument": stats.argument_size_in_bytes, "output": stats.output_size_in_bytes,
               "alias": stats.alias_size_in_bytes, "temp": stats.temp_size_in_bytes}
     result["peak"] = result["argument"] + result["output"] - result["alias"] + result["temp"]
     return result
 
 
-def child(name: str, remat: bool) -> None:
-    """Print one JSON line: the memory of ``configs/<name>.py`` at batches 1 and 2."""
-    sys.path.insert(0, ROOT)
-    import jax
-
+def measure(name: str, remat: bool, dtype: str, method: str) -> dict:
+    """One table row: ``configs/<name>.py`` with ``model.remat`` / ``model.dtype`` at batches 1 and 2."""
     config = importlib.import_module("configs." + name.replace("/", ".")).get_config()
     config.model.remat = remat
+    config.model.dtype = dtype
     config.training.n_jitted_steps = 1
-    rows = [step_memory(config, b) for b in (1, 2)]
-    print(json.dumps({"config": name, "remat": remat, "backend": jax.default_backend(), "rows": rows}), flush=True)
+    t0 = time.perf_counter()
+    fn = residual_memory if method == "residuals" else xla_memory
+    rows = [fn(config, b) for b in (1, 2)]
+    return {"config": name, "remat": remat, "dtype": dtype, "method": method, "rows": rows,
+            "seconds": round(time.perf_counter() - t0, 1)}
 
 
-def largest_batch(rows: list[dict], budget: float) -> tuple[int, float, float]:
-    """``(batch, fixed, per_image)``: the linear fit through batches 1 and 2, and the largest batch under budget."""
+def largest_batch(rows: list[dict], budget: float) -> tuple[int, float]:
+    """``(batch, per_image)``: the largest batch under ``budget`` bytes on the line through batches 1 and 2."""
     per_image = rows[1]["peak"] - rows[0]["peak"]
     fixed = rows[0]["peak"] - per_image
-    return int((budget - fixed) // per_image), fixed, per_image
+    return int((budget - fixed) // per_image), per_image
 
 
 def table(results: list[dict], budget_gib: float) -> str:
-    """A markdown table of ``results`` (child lines, or ``{"config", "remat", "error"}``)."""
-    gib = 2.0 ** 30
-    lines = ["| config | remat | peak b=1 (GiB) | temp b=1 | argument b=1 | peak b=2 | per image | "
-             f"largest batch in {budget_gib:g} GiB (linear) | compile s (b=1) |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    """A markdown table of ``results`` (from :func:`measure`)."""
+    lines = ["| config | remat | dtype | parameters (GiB) | peak b=1 (GiB) | peak b=2 (GiB) | per image (GiB) | "
+             f"largest batch in {budget_gib:g} GiB (linear) |", "|---|---|---|---|---|---|---|---|"]
     for r in results:
-        if "error" in r:
-            lines.append(f"| {r['config']} | {r['remat']} | {r['error']} | | | | | | |")
-            continue
         b1, b2 = r["rows"]
-        batch, _, per_image = largest_batch(r["rows"], budget_gib * gib)
-        lines.append(f"| {r['config']} | {r['remat']} | {b1['peak'] / gib:.3f} | {b1['temp'] / gib:.3f} | "
-                     f"{b1['argument'] / gib:.3f} | {b2['peak'] / gib:.3f} | {per_image / gib:.3f} | {batch} | "
-                     f"{b1['compile_s']} |")
+        batch, per_image = largest_batch(r["rows"], budget_gib * GIB)
+        params = f"{b1['params'] / GIB:.3f}" if "params" in b1 else ""
+        lines.append(f"| {r['config']} | {r['remat']} | {r['dtype']} | {params} | {b1['peak'] / GIB:.3f} | "
+                     f"{b2['peak'] / GIB:.3f} | {per_image / GIB:.3f} | {batch} |")
     return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--configs", default=",".join(DEFAULT_CONFIGS), help="comma-separated names under configs/")
-    parser.add_argument("--timeout", type=float, default=1200, help="seconds per (config, remat) pair")
+    parser.add_argument("--method", choices=("residuals", "xla"), default="residuals")
     parser.add_argument("--budget-gib", type=float, default=80.0, help="device memory for the largest batch")
     parser.add_argument("--out", help="also write the results as JSON to this file")
-    parser.add_argument("--child", nargs=2, metavar=("CONFIG", "REMAT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.child:
-        child(args.child[0], args.child[1] == "True")
-        return
+    sys.path.insert(0, ROOT)
+    import jax
+
+    print(f"train step memory per device ({args.method}); backend {jax.default_backend()}", flush=True)
     results = []
-    print("train step memory, XLA's compiled memory analysis on the default backend "
-          f"({os.environ.get('JAX_PLATFORMS') or 'default'}; each line names the one used)", flush=True)
     for name in args.configs.split(","):
-        for remat in (False, True):
-            cmd = [sys.executable, os.path.abspath(__file__), "--child", name, str(remat)]
-            env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
-            try:
-                done = subprocess.run(cmd, env=env, check=True, capture_output=True, text=True, timeout=args.timeout)
-                result = json.loads(done.stdout.strip().splitlines()[-1])
-            except subprocess.TimeoutExpired:
-                result = {"config": name, "remat": remat, "error": f"not compiled within {args.timeout:g} s"}
-            except subprocess.CalledProcessError as err:
-                result = {"config": name, "remat": remat, "error": f"failed: {err.stderr.strip().splitlines()[-1]}"}
-            results.append(result)
-            print(json.dumps(result), flush=True)
+        for remat, dtype in VARIANTS:
+            results.append(measure(name, remat, dtype, args.method))
+            print(json.dumps(results[-1]), flush=True)
             if args.out:
                 with open(args.out, "w") as f:
                     json.dump(results, f, indent=1)

@@ -23,7 +23,7 @@ import losses
 from models import utils as mutils
 from score_sde.config_checks import validate_config
 from tests.helpers import assert_close_scaled, make_sde
-from tests.test_models import GOLDEN_CASES, _sde_for, unflatten_variables
+from tests.test_models import _sde_for, unflatten_variables
 
 BF16_RTOL = 3e-2
 
@@ -35,20 +35,28 @@ def golden_case(golden_dir, case: str, dtype: str):
     return info, config, np.load(golden_dir / f"model_{case}.npz")
 
 
-@pytest.mark.parametrize("case", GOLDEN_CASES)
-def test_bfloat16_score_is_close_to_the_original(golden_dir, case):
-    info, config, data = golden_case(golden_dir, case, "bfloat16")
-    variables = unflatten_variables(data)
+def golden_score(golden_dir, case: str, dtype: str, float32_model: bool = False):
+    """``(our score, the original's float32 score)`` on ``case``'s golden inputs with ``model.dtype = dtype``."""
+    info, config, data = golden_case(golden_dir, case, dtype)
     model = mutils.create_model(config)
-    score_fn = mutils.get_score_fn(_sde_for(info, config), model, variables["params"], {}, train=False,
-                                   continuous=info["continuous"])
-    score = jax.jit(score_fn)(jnp.asarray(data["x"]), jnp.asarray(data["t"]))
-    assert score.dtype == jnp.float32
-    assert_close_scaled(score, data["score"], rtol=BF16_RTOL)
-    # float32_model evaluates the same parameters in float32 again: the original's tolerance.
-    score_fn = mutils.get_score_fn(_sde_for(info, config), mutils.float32_model(model), variables["params"], {},
+    if float32_model:
+        model = mutils.float32_model(model)
+    score_fn = mutils.get_score_fn(_sde_for(info, config), model, unflatten_variables(data)["params"], {},
                                    train=False, continuous=info["continuous"])
-    assert_close_scaled(jax.jit(score_fn)(jnp.asarray(data["x"]), jnp.asarray(data["t"])), data["score"])
+    return jax.jit(score_fn)(jnp.asarray(data["x"]), jnp.asarray(data["t"])), data["score"]
+
+
+# NCSN++ (VE, Fourier, BigGAN blocks, FIR), DDPM++ (VP) and DDPM: each compiles one bfloat16 network.
+@pytest.mark.parametrize("case", ["ncsnpp_ve_cont", "ddpmpp_vp_cont", "ddpm_vp"])
+def test_bfloat16_score_is_close_to_the_original(golden_dir, case):
+    score, expected = golden_score(golden_dir, case, "bfloat16")
+    assert score.dtype == jnp.float32
+    assert_close_scaled(score, expected, rtol=BF16_RTOL)
+
+
+def test_float32_model_of_a_bfloat16_config_matches_the_original(golden_dir):
+    # What samplers and bits/dim use: the same parameters evaluated in float32, to the original's tolerance.
+    assert_close_scaled(*golden_score(golden_dir, "ddpm_vp", "bfloat16", float32_model=True))
 
 
 def _primitive_dtypes(jaxpr, names: tuple) -> list:
