@@ -195,7 +195,8 @@ print(json.dumps({"devices": jax.local_device_count(), "compiles": compiles, "ty
 
 def test_unreplicate_to_host_compiles_nothing_on_two_devices():
     """One replica on the host, the device axis removed, dtypes kept, and no program compiled."""
-    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT), XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT),
+               XLA_FLAGS="--xla_force_host_platform_device_count=2")
     out = subprocess.run([sys.executable, "-c", UNREPLICATE_SCRIPT], cwd=ROOT, env=env, capture_output=True, text=True,
                          timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
