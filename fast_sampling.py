@@ -24,7 +24,7 @@ from __future__ import annotations
 import functools
 import inspect
 import math
-from typing import Callable, NamedTuple, Optional, Tuple
+from typing import Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
