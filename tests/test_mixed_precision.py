@@ -25,7 +25,8 @@ from score_sde.config_checks import validate_config
 from tests.helpers import assert_close_scaled, make_sde
 from tests.test_models import _sde_for, unflatten_variables
 
-BF16_RTOL = 3e-2
+# Measured: 0.9% (NCSN++ VE) to 2.8% (DDPM) of max |score| on the five golden cases (docs/performance.md).
+BF16_RTOL = 5e-2
 
 
 def golden_case(golden_dir, case: str, dtype: str):
