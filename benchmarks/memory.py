@@ -7,8 +7,9 @@ Two measures:
   parameters; the parameters themselves not counted), and the estimate
   ``peak ≈ 5·P + residuals``, ``P`` the parameter bytes: parameters, Adam's two moments and the EMA
   (the state, donated, so the new state reuses it) plus the gradients. It leaves out XLA's scratch and the
-  transient buffers of the backward pass (with remat: one block's activations, recomputed at a time), so it
-  is a lower bound of the real peak.
+  transient buffers of the backward pass (with remat: one block's activations, recomputed at a time), and
+  counts every saved array as a buffer where XLA fuses and recomputes elementwise chains: an estimate, not a
+  bound (docs/performance.md compares it with XLA's figure).
 * ``--method xla``: XLA's compiled memory analysis of the pmapped train step that ``run_lib.train`` runs
   (``compiled.memory_analysis()``: ``peak = argument + output - alias + temp``, an aliased buffer counted
   once). Exact for the backend it compiles for, but compiling a full-size train step takes many minutes on
