@@ -314,7 +314,7 @@ def write_markdown(cells: Cells, summary: dict, path: str) -> None:
         f"digits-FD (Fréchet distance in the features of the shipped digits classifier, `score_sde/digits_fd.py`; "
         f"**not FID**) of {s['num_samples']} samples against the 297 test digits, with 95 % bootstrap intervals "
         f"({s['bootstrap']} resamples of both sets; their spread around the median, centred on the estimate, since "
-        "repeated samples inflate a resampled Fréchet distance). Model: `{s['config']}` trained by the README's first command, "
+        f"repeated samples inflate a resampled Fréchet distance). Model: `{s['config']}` trained by the README's first command, "
         f"{s['checkpoint']} (step {s['step']}). All samplers start from the same latents (seed {s['seed']}). "
         "Lower is better; the training-digits row is the floor at this sample size.", "",
         f"Command: `{cells.command}`", "",
