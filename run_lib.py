@@ -824,33 +824,23 @@ def _bpd_data(job: _EvalJob, bpd_round: int, keys: jax.Array) -> tuple[Any, Any]
     return job.dequantizer(keys, _host_rows(images, job.per_device))
 
 
-def _eval_bpd(job: _EvalJob, ckpt: int, pstate, meta):
-    """The bits/dim rounds not done yet, one file each: ``<bpd_dataset>_ckpt_<n>_bpd_<round>.npz``."""
+def _eval_bpd_rounds(job: _EvalJob, ckpt: int, pstate, meta, kind: str):
+    """The rounds not done yet of ``kind``: ``'bpd'`` (the ODE bits/dim, ``job.likelihood_fn``) or ``'bound'`` (the
+    likelihood bound, ``job.bound_fn``), on the bits/dim batches, one file each:
+    ``<bpd_dataset>_ckpt_<n>_<kind>_<round>.npz``. Progress is ``meta.<kind>_rounds_done``."""
+    value_fn = {"bpd": job.likelihood_fn, "bound": job.bound_fn}[kind]
+    done_field = f"{kind}_rounds_done"
     suffix = "" if parallel.process_count() == 1 else f"_host_{job.host}"
-    for bpd_round in range(meta.bpd_rounds_done, job.num_bpd_rounds):
+    for bpd_round in range(getattr(meta, done_field), job.num_bpd_rounds):
         rng, keys = device_keys(_meta_key(meta))
         data, extra_bpd = _bpd_data(job, bpd_round, keys)
-        bpd = np.asarray(job.likelihood_fn(keys, pstate, data)[0]).reshape(-1) + extra_bpd
+        values = np.asarray(value_fn(keys, pstate, data)[0]).reshape(-1) + extra_bpd
         eval_records.write_npz(
-            os.path.join(job.eval_dir, f"{job.bpd_dataset}_ckpt_{ckpt}_bpd_{bpd_round}{suffix}.npz"), bpd)
+            os.path.join(job.eval_dir, f"{job.bpd_dataset}_ckpt_{ckpt}_{kind}_{bpd_round}{suffix}.npz"), values)
         repeat, batch_id = divmod(bpd_round, job.bpd_batches_per_repeat)
-        logging.info("ckpt: %d, repeat: %d, batch: %d, mean bpd: %.6f", ckpt, repeat, batch_id, bpd.mean())
-        meta = job.save_meta(meta, bpd_rounds_done=bpd_round + 1, rng=eval_records.key_to_list(rng))
-    return meta
-
-
-def _eval_bound(job: _EvalJob, ckpt: int, pstate, meta):
-    """The bound rounds not done yet, on the bits/dim batches: ``<bpd_dataset>_ckpt_<n>_bound_<round>.npz``."""
-    suffix = "" if parallel.process_count() == 1 else f"_host_{job.host}"
-    for bound_round in range(meta.bound_rounds_done, job.num_bpd_rounds):
-        rng, keys = device_keys(_meta_key(meta))
-        data, extra_bpd = _bpd_data(job, bound_round, keys)
-        bound = np.asarray(job.bound_fn(keys, pstate, data)[0]).reshape(-1) + extra_bpd
-        eval_records.write_npz(
-            os.path.join(job.eval_dir, f"{job.bpd_dataset}_ckpt_{ckpt}_bound_{bound_round}{suffix}.npz"), bound)
-        repeat, batch_id = divmod(bound_round, job.bpd_batches_per_repeat)
-        logging.info("ckpt: %d, repeat: %d, batch: %d, mean bound bpd: %.6f", ckpt, repeat, batch_id, bound.mean())
-        meta = job.save_meta(meta, bound_rounds_done=bound_round + 1, rng=eval_records.key_to_list(rng))
+        logging.info("ckpt: %d, repeat: %d, batch: %d, mean %s bpd: %.6f", ckpt, repeat, batch_id,
+                     "ODE" if kind == "bpd" else kind, values.mean())
+        meta = job.save_meta(meta, **{done_field: bpd_round + 1}, rng=eval_records.key_to_list(rng))
     return meta
 
 
@@ -908,9 +898,9 @@ def _evaluate_checkpoint(job: _EvalJob, ckpt: int, meta):
     if job.p_eval_step is not None and not meta.loss_done:
         meta = _eval_loss(job, ckpt, pstate, meta)
     if job.likelihood_fn is not None:
-        meta = _eval_bpd(job, ckpt, pstate, meta)
+        meta = _eval_bpd_rounds(job, ckpt, pstate, meta, "bpd")
     if job.bound_fn is not None:
-        meta = _eval_bound(job, ckpt, pstate, meta)
+        meta = _eval_bpd_rounds(job, ckpt, pstate, meta, "bound")
     if job.sampling_fn is not None:
         meta = _sampling_rounds(job, ckpt, pstate, meta)
         if not meta.metrics_done:
