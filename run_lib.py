@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import os
 import time
 from typing import Any, Callable, Iterator
@@ -1161,7 +1162,8 @@ def sample(config, workdir: str) -> dict:
 
     Writes ``workdir/samples_<method>_ckpt_<n>/`` (``_2``, ``_3``, ... when a folder of that name holds
     samples of other settings): ``samples.npz`` (``samples``: ``(num_samples, H, W, C)`` uint8,
-    rounded as the PNGs), ``grid_<b>.png`` (batch ``b``), ``sample_info.json`` (``nfe``: the score
+    rounded as the PNGs; for mixture points, ``(num_samples, dim)`` float32 in data space and no grids),
+    ``grid_<b>.png`` (batch ``b``), ``sample_info.json`` (``nfe``: the score
     evaluations per sample the sampler reported, the largest over batches, and ``nfe_per_batch``;
     ``sampler_options``, ``ckpt``, ``step``, ``settings``, ...); for every method but 'ode' also
     ``reverse_process.gif``: the first 16 images of the first batch on their way from noise to data,
@@ -1252,7 +1254,8 @@ def sample(config, workdir: str) -> dict:
     # Written under a temporary name, then renamed: the folder is complete or absent.
     tmp_folder = f"{folder}.partial-{os.getpid()}"
     os.makedirs(tmp_folder, exist_ok=True)
-    for r, batch in enumerate(batches):
+    points = tuple(shape[1:3]) == (1, 1)  # mixture data: (batch, 1, 1, dim) points, not images
+    for r, batch in enumerate(batches if not points else []):
         # Small images are enlarged so that the grid is legible (8×8 digits become 32×32).
         reporting.save_image(batch, os.path.join(tmp_folder, f"grid_{r}.png"),
                              nrow=max(int(np.sqrt(len(batch))), 1), upscale=max(1, 32 // shape[1]))
@@ -1261,7 +1264,10 @@ def sample(config, workdir: str) -> dict:
                           os.path.join(tmp_folder, "score_field.png"))
     elif path is not None:
         _write_gif(path, os.path.join(tmp_folder, "reverse_process.gif"), upscale=max(1, 32 // shape[1]))
-    all_images = np.clip(np.concatenate(batches) * 255.0 + 0.5, 0, 255).astype(np.uint8)
+    if points:  # coordinates keep their values: rounding to 256 levels in [0, 1] would destroy them
+        all_images = np.concatenate(batches).reshape(-1, math.prod(shape[1:])).astype(np.float32)
+    else:
+        all_images = np.clip(np.concatenate(batches) * 255.0 + 0.5, 0, 255).astype(np.uint8)
     if parallel.process_count() == 1:
         all_images = all_images[:num_samples]
     np.savez_compressed(os.path.join(tmp_folder, "samples.npz"), samples=all_images)

@@ -69,3 +69,7 @@ def test_sample_mode_writes_the_plot_for_2d_data(tmp_path):
     assert (folder / "score_field.png").exists() and not (folder / "reverse_process.gif").exists()
     assert _png(folder / "score_field.png").std() > 10
     assert json.loads((folder / "sample_info.json").read_text())["nfe"] == 6
+    # Points keep their coordinates (float32, data space), not 256 grey levels; no image grids of points.
+    samples = np.load(folder / "samples.npz")["samples"]
+    assert samples.dtype == np.float32 and samples.shape == (8, 2)
+    assert len(np.unique(samples)) == samples.size and not list(folder.glob("grid_*.png"))
