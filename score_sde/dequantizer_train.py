@@ -144,6 +144,16 @@ def _state(config, params, rng) -> mutils.State:
                         model_state={}, ema_rate=config.deq.ema_rate, params_ema=params, rng=rng)
 
 
+def state_template(config) -> mutils.State:
+    """Zeros shaped like the dequantiser state of ``config`` (traced only, nothing compiled): the target that
+    ``checkpoints.restore_checkpoint`` fills, from our checkpoints or score_flow's ``DeqState`` files."""
+    model = flowpp.create_dequantizer(config)
+    zeros = jnp.zeros((1, config.data.image_size, config.data.image_size, config.data.num_channels))
+    shapes = jax.eval_shape(lambda: _state(config, model.init(jax.random.PRNGKey(0), zeros, zeros)["params"],
+                                           jax.random.PRNGKey(0)))
+    return jax.tree_util.tree_map(lambda s: np.zeros(s.shape, s.dtype), shapes)
+
+
 def train_deq(config, workdir: str) -> mutils.State:
     """Train the Flow++ dequantiser of ``config.deq`` against the score model of ``workdir`` (score_flow's train_deq).
 
@@ -244,13 +254,9 @@ def load_eval_dequantizer(config, workdir: str) -> Callable:
                                "the dequantiser first (--mode train_deq with the same --workdir), or set "
                                "config.eval.dequantizer = False (uniform dequantisation).")
     model = flowpp.create_dequantizer(config)
-    size, channels = config.data.image_size, config.data.num_channels
-    zeros = jnp.zeros((1, size, size, channels))
-    template = jax.eval_shape(lambda: _state(config, model.init(jax.random.PRNGKey(0), zeros, zeros)["params"],
-                                             jax.random.PRNGKey(0)))
-    template = jax.tree_util.tree_map(lambda s: np.zeros(s.shape, s.dtype), template)
-    params = parallel.replicate(checkpoints.restore_checkpoint(path, template).params_ema)
+    params = parallel.replicate(checkpoints.restore_checkpoint(path, state_template(config)).params_ema)
     scaler = datasets.get_data_scaler(config)
+    size, channels = config.data.image_size, config.data.num_channels
     dim = size * size * channels
     if parallel.is_main_process():
         logging.info("Bits/dim under the variational dequantiser of %s.", path)

@@ -8,7 +8,9 @@ msgpack). Restored without a target, such a file is a nested dict::
                    'state': {'step', 'param_states': params tree with
                              {'grad_ema', 'grad_sq_ema'} at every leaf}}}
 
-(``flax.optim.Adam``). Our state keeps the parameters in ``params`` and optax's Adam
+(``flax.optim.Adam``). score_flow's checkpoints have the same layout: its score models exactly, its
+Flow++ dequantiser (``DeqState``) without ``model_state`` and with two logged running bits/dim,
+which are not carried (our dequantiser state is a ``State`` with an empty ``model_state``). Our state keeps the parameters in ``params`` and optax's Adam
 moments in ``opt_state``; :func:`state_from_legacy` carries everything over, values
 unchanged, so that evaluation and sampling use the original ``params_ema`` and training
 resumes with the original Adam moments and step.
@@ -31,7 +33,9 @@ from flax import traverse_util
 
 from models.utils import State
 
-_LEGACY_KEYS = frozenset({"step", "optimizer", "lr", "model_state", "ema_rate", "params_ema", "rng"})
+# Keys every original state has. score_sde's ``State`` adds ``model_state``; score_flow's dequantiser state
+# (``DeqState``) has none but adds the running bits/dim ``ema_train_bpd`` / ``ema_eval_bpd`` (logging only).
+_LEGACY_KEYS = frozenset({"step", "optimizer", "lr", "ema_rate", "params_ema", "rng"})
 
 
 def is_legacy_state_dict(raw: Any) -> bool:
@@ -170,7 +174,7 @@ def state_from_legacy(raw: Mapping, template: State) -> State:
     optimizer = raw["optimizer"]
     params = _convert_tree(optimizer["target"], template.params, "parameters (optimizer/target)")
     params_ema = _convert_tree(raw["params_ema"], template.params_ema, "EMA parameters (params_ema)")
-    model_state = _convert_tree(raw["model_state"] or {}, template.model_state or {}, "model_state")
+    model_state = _convert_tree(raw.get("model_state") or {}, template.model_state or {}, "model_state")
     mu, nu = _split_moments(optimizer["state"]["param_states"])
     found: list = []
     opt_state = _fill_opt_state(template.opt_state, mu, nu, int(np.asarray(optimizer["state"]["step"])), found)
