@@ -962,7 +962,12 @@ def evaluate(config, workdir: str, eval_folder: str = "eval", feature_extractor=
     sample_metrics = _load_sample_metric_inputs(config, feature_extractor) if config.eval.enable_sampling else None
     eval_dir = os.path.join(workdir, eval_folder)
     host = parallel.process_index()
-    settings = _check_result_settings(eval_dir, eval_records.result_settings(config, parallel.device_count()))
+    settings = eval_records.result_settings(config, parallel.device_count())
+    if config.eval.get("dequantizer", False) and (config.eval.enable_bpd or config.eval.get("enable_bound", False)):
+        from score_sde import dequantizer_train  # noqa: PLC0415 (it imports this module)
+
+        settings["dequantizer_checkpoint"] = dequantizer_train.checkpoint_identity(workdir)
+    settings = _check_result_settings(eval_dir, settings)
     meta = eval_records.load_eval_meta(eval_dir, host)
     begin, end = config.eval.begin_ckpt, config.eval.end_ckpt
     first = max(begin, meta.ckpt_id) if meta is not None else begin

@@ -14,6 +14,7 @@ folder names), the score model read from ``<workdir>/checkpoints/checkpoint_<con
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 from typing import Callable
@@ -232,6 +233,20 @@ def train_deq(config, workdir: str) -> mutils.State:
         writer.flush()
     writer.close()
     return jax.device_get(parallel.unreplicate(pstate))
+
+
+def checkpoint_identity(workdir: str) -> str | None:
+    """``'checkpoint_<n> sha256:<hex>'`` of the dequantiser that :func:`load_eval_dequantizer` would use, or None
+    when there is none. The eval job records it with its settings, so that bits/dim computed under one trained
+    dequantiser are never mixed with rounds computed under another (retrained or replaced)."""
+    path = checkpoints.latest_checkpoint(os.path.join(workdir, DEQ_FOLDER, "checkpoints"))
+    if path is None:
+        return None
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return f"{os.path.basename(path)} sha256:{digest.hexdigest()}"
 
 
 def load_eval_dequantizer(config, workdir: str) -> Callable:

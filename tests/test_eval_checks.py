@@ -104,6 +104,31 @@ def test_resuming_with_other_result_settings_is_refused(tmp_path, no_work, monke
     assert _snapshot(eval_dir) == before
 
 
+def test_bits_per_dim_under_another_trained_dequantizer_are_refused(tmp_path, no_work, monkeypatch):
+    """eval.dequantizer: the dequantiser checkpoint is part of the settings; rounds computed under one are not
+    continued under a retrained or replaced one (refused naming it, the folder unchanged); the same one passes."""
+    from score_sde import dequantizer_train
+
+    monkeypatch.setattr(run_lib, "_load_sample_metric_inputs", lambda config, extractor: {})
+    config = _all_parts(_config())
+    config.eval.dequantizer = True
+    deq_file = tmp_path / dequantizer_train.DEQ_FOLDER / "checkpoints" / "checkpoint_4"
+    deq_file.parent.mkdir(parents=True)
+    deq_file.write_bytes(b"first dequantiser")
+    eval_dir = tmp_path / "eval"
+    eval_dir.mkdir()
+    recorded = {**eval_records.result_settings(config, 1),
+                "dequantizer_checkpoint": dequantizer_train.checkpoint_identity(str(tmp_path))}
+    eval_records.save_settings(str(eval_dir), recorded)
+    before = _snapshot(eval_dir)
+    # The same dequantiser: past the settings check, stopped by the missing score checkpoint instead.
+    _refused(config, tmp_path, r"Checkpoint\(s\) 1 of config.eval.begin_ckpt")
+    deq_file.write_bytes(b"retrained dequantiser")
+    message = _refused(config, tmp_path, "holds results computed with other settings")
+    assert "dequantizer_checkpoint: 'checkpoint_4 sha256:" in message
+    assert _snapshot(eval_dir) == before
+
+
 def test_free_fields_do_not_change_the_settings():
     """Which checkpoints, how long to wait, where the data are: the same results, so the same settings."""
     a, b = _all_parts(_config(begin=1, end=1)), _all_parts(_config(begin=2, end=9, wait_s=60))
