@@ -27,6 +27,7 @@ from score_sde import datasets
 from tests.test_train import tiny_config
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
+VENV = pathlib.Path(sys.prefix).resolve()
 COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
 
 
@@ -48,7 +49,9 @@ def _project_frames() -> list[traceback.FrameSummary]:
     frames = []
     for frame in reversed(traceback.extract_stack()):
         path = pathlib.Path(frame.filename).resolve()
-        if ROOT in path.parents and ".venv" not in path.parts and "tests" not in path.relative_to(ROOT).parts:
+        # A virtual environment may live inside the repository (CI's .ci-venv): its packages are not the project.
+        if (ROOT in path.parents and "site-packages" not in path.parts and not path.is_relative_to(VENV)
+                and "tests" not in path.relative_to(ROOT).parts):
             frames.append(frame)
     return frames
 
