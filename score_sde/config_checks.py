@@ -203,6 +203,7 @@ SAFE_TO_CHANGE = (
     'training.snapshot_freq', 'training.snapshot_freq_for_preemption', 'training.snapshot_sampling',
     'optim.lr', 'optim.warmup', 'optim.grad_clip', 'optim.weight_decay', 'optim.beta1', 'optim.eps',
     'model.ema_rate', 'model.remat', 'model.dtype', 'data.data_dir', 'sampling', 'eval',
+    'deq.n_iters',  # the dequantiser's run length (--mode train_deq), as training.n_iters
 )
 """Fields (or whole sections) that may differ between the runs of one training workdir.
 

@@ -53,7 +53,7 @@ def score_checkpoint(config, workdir: str) -> str:
     path = (os.path.join(checkpoint_dir, f"{checkpoints.PREFIX}{number}") if number
             else checkpoints.latest_checkpoint(checkpoint_dir))
     if path is None or not os.path.exists(path):
-        which = f"checkpoint_{number}" if number else "a numbered checkpoint"
+        which = f"checkpoint_{number}" if number else "numbered checkpoint"
         raise DequantizerError(
             f"The dequantiser is trained against a trained score model, but {checkpoint_dir} has no {which}. Train "
             "the score model first (--mode train with the same --workdir), or set config.deq.score_ckpt to the "
@@ -171,10 +171,14 @@ def train_deq(config, workdir: str) -> mutils.State:
         run_lib.TrainingDivergedError: the loss or the parameters became NaN/inf (nothing of that state saved).
     """
     _check_config(config)
-    sde, score_model, score_state, score_path = _load_score_model(config, workdir)
     deq_dir = os.path.join(workdir, DEQ_FOLDER)
     checkpoint_dir = os.path.join(deq_dir, "checkpoints")
     checkpoint_meta_dir = os.path.join(deq_dir, "checkpoints-meta")
+    # As --mode train: a dequantiser is resumed only with the config it was trained with (safe fields aside).
+    has_checkpoints = any(checkpoints.latest_checkpoint(d) for d in (checkpoint_dir, checkpoint_meta_dir)
+                          if os.path.isdir(d))
+    config_changes = run_lib.check_workdir_config(config, deq_dir, has_checkpoints)
+    sde, score_model, score_state, score_path = _load_score_model(config, workdir)
     for d in (checkpoint_dir, checkpoint_meta_dir):
         os.makedirs(d, exist_ok=True)
     is_main = parallel.is_main_process()
@@ -191,6 +195,7 @@ def train_deq(config, workdir: str) -> mutils.State:
     state = run_lib._restore_newest(_state(config, params, rng), checkpoint_meta_dir, checkpoint_dir)
     state = state.replace(lr=config.optim.lr, ema_rate=config.deq.ema_rate)
     step, rng = int(state.step), state.rng
+    run_lib.save_config(config, deq_dir, step, config_changes)
     p_train_step, p_eval_step = _make_steps(config, sde, score_model, deq_model)
     pstate, score_pstate = parallel.replicate(state), parallel.replicate(score_state)
     del state

@@ -37,7 +37,7 @@ def workdir(tmp_path_factory):
 
 
 def test_train_deq_without_a_score_checkpoint_says_what_to_do(tmp_path):
-    with pytest.raises(DequantizerError, match=r"has no a numbered checkpoint.*--mode train"):
+    with pytest.raises(DequantizerError, match=r"has no numbered checkpoint.*--mode train"):
         run_lib.train_deq(deq_config(), str(tmp_path))
     with pytest.raises(DequantizerError, match=r"checkpoint_7.*config.deq.score_ckpt"):
         run_lib.train_deq(deq_config(deq__score_ckpt=7), str(tmp_path))
@@ -53,6 +53,14 @@ def test_train_deq_writes_checkpoints_and_resumes(workdir, caplog):
     assert any("from step 2 of 4" in r.getMessage() for r in caplog.records)
     assert checkpoints.checkpoint_step(checkpoints.latest_checkpoint(str(deq_dir / "checkpoints"))) == 4
     assert all(np.all(np.isfinite(x)) for x in jax.tree_util.tree_leaves(state.params))
+    history = (deq_dir / run_lib.CONFIG_HISTORY).read_text().splitlines()
+    assert len(history) == 2 and '"deq.n_iters": [2, 4]' in history[1]  # first run, then the longer resume
+
+
+def test_train_deq_refuses_to_resume_with_another_dequantizer(workdir):
+    """As --mode train: the dequantiser's checkpoints are not resumed under another network (nothing is run)."""
+    with pytest.raises(run_lib.WorkdirConfigError, match=r"deq.filters: 8 -> 16"):
+        run_lib.train_deq(deq_config(deq__filters=16, deq__n_iters=4), str(workdir))
 
 
 def test_eval_bpd_under_the_dequantizer(workdir, monkeypatch):
