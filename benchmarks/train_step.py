@@ -1,14 +1,19 @@
-"""Seconds per training step of the benchmark DDPM++ (forward, backward, Adam, EMA), 1 and 2 devices.
+"""Seconds per training step (forward, backward, Adam, EMA) on the default backend's devices.
 
-The benchmark model: ``configs/vp/cifar10_ddpmpp_continuous.py`` with ``nf=32``, ``ch_mult=(1, 2, 2)``,
-``num_res_blocks=2``, ``attn_resolutions=(16,)`` (1,754,147 parameters), 32×32×3 images, global batch 8,
-VP SDE. Each figure is min / median over repeated calls after compilation, for the pmapped train
-step as ``run_lib.train`` runs it: one step per call (``n_jitted_steps=1``) and ``n`` steps fused into one call
-(``run_lib.fuse_steps``; ``--fused``, per step). Two devices are CPU "devices" made by
-``XLA_FLAGS=--xla_force_host_platform_device_count=2`` in a subprocess (the same two cores, so
-this shows the cost of data parallelism, not a speed-up).
+The model is ``--config`` (``benchmarks/common.py``): by default the benchmark DDPM++
+(``configs/vp/cifar10_ddpmpp_continuous.py`` with ``nf=32``, ``ch_mult=(1, 2, 2)``, ``num_res_blocks=2``,
+``attn_resolutions=(16,)``, 1,754,147 parameters; 32×32×3 images, VP SDE); ``--config
+vp/cifar10_ddpmpp_continuous`` is the full DDPM++. Each figure is min / median over repeated calls after
+compilation, for the pmapped train step as ``run_lib.train`` runs it: one step per call
+(``n_jitted_steps=1``) and ``n`` steps fused into one call (``run_lib.fuse_steps``; ``--fused``, per step).
 
-    python benchmarks/train_step.py [--reps 10] [--fused 5] [--devices 1,2] [--config PATH] [--batch 8]
+On a CPU backend ``--devices 1,2`` (the default there) runs once per device count; counts other than this
+process's run in a subprocess with ``XLA_FLAGS=--xla_force_host_platform_device_count=N`` (the same cores, so
+this shows the cost of data parallelism, not a speed-up). On an accelerator the step runs on the machine's
+devices, global batch split across them.
+
+    python benchmarks/train_step.py [--config benchmark] [--batch 8] [--reps 10] [--fused 5] [--devices 1,2]
+                                    [--out results.json]
 
 Anchors (this kind of 2-core CPU, see docs/performance.md): PyTorch port full step 0.253 s min /
 0.296 s median; original JAX code forward+backward alone 0.331 s min.
@@ -16,28 +21,20 @@ Anchors (this kind of 2-core CPU, see docs/performance.md): PyTorch port full st
 from __future__ import annotations
 
 import argparse
-import importlib.util
+import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from benchmarks import common  # noqa: E402
+
 ANCHORS = ("anchors (same CPU kind, docs/performance.md): PyTorch port full step 0.253 min / 0.296 median s; "
            "original JAX forward+backward only 0.331 min / 0.360 median s")
-
-
-def benchmark_config(path: str):
-    """The benchmark DDPM++ config (or ``path``'s config unchanged when it is not the CIFAR-10 DDPM++ one)."""
-    spec = importlib.util.spec_from_file_location("bench_config", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config()
-    if os.path.basename(path) == "cifar10_ddpmpp_continuous.py":
-        from benchmarks.common import shrink
-
-        config = shrink(config)
-    return config
 
 
 def _time(fn, reps: int) -> tuple[float, float]:
@@ -51,9 +48,8 @@ def _time(fn, reps: int) -> tuple[float, float]:
     return float(np.min(times)), float(np.median(times))
 
 
-def run(config_path: str, batch_size: int, reps: int, fused: int) -> None:
-    """Time this process's devices; prints one line per figure."""
-    sys.path.insert(0, ROOT)
+def run(config_name: str, batch_size: int, reps: int, fused: int) -> dict:
+    """Time this process's devices; prints one line per figure and returns them (seconds per step)."""
     import jax
     import numpy as np
 
@@ -62,8 +58,10 @@ def run(config_path: str, batch_size: int, reps: int, fused: int) -> None:
     import sde_lib
     from score_sde import parallel
 
-    config = benchmark_config(config_path)
+    config = common.load_config(config_name)
     n_dev = parallel.local_device_count()
+    if batch_size % n_dev:
+        raise ValueError(f"--batch {batch_size} is not divisible by the {n_dev} local devices.")
     model, state = losses.init_train_state(jax.random.PRNGKey(0), config)
     num_params = sum(int(np.size(x)) for x in jax.tree_util.tree_leaves(state.params))
     sde, _ = sde_lib.get_sde(config)
@@ -72,6 +70,7 @@ def run(config_path: str, batch_size: int, reps: int, fused: int) -> None:
     rng = np.random.default_rng(0)
     print(f"devices {n_dev} | params {num_params:,} | global batch {batch_size} | "
           f"{config.data.image_size}x{config.data.image_size}x{config.data.num_channels}", flush=True)
+    result = {"devices": n_dev, "params": num_params, "steps": {}}
 
     for n_steps in sorted({1, fused}):
         images = rng.uniform(-1, 1, (n_dev, n_steps, batch_size // n_dev) + shape).astype(np.float32)
@@ -89,28 +88,52 @@ def run(config_path: str, batch_size: int, reps: int, fused: int) -> None:
         lo, med = _time(call, max(reps // n_steps, 3))
         print(f"train step, {n_steps} fused per call: {lo / n_steps:.4f} min / {med / n_steps:.4f} median s per step "
               f"({n_steps / med:.2f} steps/s; first call incl. compilation {compile_s:.1f} s)", flush=True)
+        result["steps"][str(n_steps)] = {"min_s_per_step": lo / n_steps, "median_s_per_step": med / n_steps,
+                                         "first_call_s": compile_s}
+    return result
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default=os.path.join(ROOT, "configs/vp/cifar10_ddpmpp_continuous.py"))
-    parser.add_argument("--batch", type=int, default=8, help="global batch size")
-    parser.add_argument("--reps", type=int, default=10)
-    parser.add_argument("--fused", type=int, default=5, help="steps fused per call (n_jitted_steps)")
-    parser.add_argument("--devices", default="1,2", help="comma-separated device counts to run")
-    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.child:
-        run(args.config, args.batch, args.reps, args.fused)
-        return
-    print(ANCHORS, flush=True)
-    for n in (int(d) for d in args.devices.split(",")):
-        env = dict(os.environ, JAX_PLATFORMS=os.environ.get("JAX_PLATFORMS", "cpu"), TF_CPP_MIN_LOG_LEVEL="2")
-        if n > 1:
-            env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={n}").strip()
-        cmd = [sys.executable, os.path.abspath(__file__), "--child", "--config", args.config, "--batch",
+def run_in_subprocess(n: int, args) -> dict:
+    """:func:`run` in a CPU subprocess with ``n`` host-platform devices; its figures."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2")
+    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={n}").strip()
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "child.json")
+        cmd = [sys.executable, os.path.abspath(__file__), "--child_out", out, "--config", args.config, "--batch",
                str(args.batch), "--reps", str(args.reps), "--fused", str(args.fused)]
         subprocess.run(cmd, env=env, check=True)
+        with open(out) as f:
+            return json.load(f)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    common.add_arguments(parser)
+    parser.add_argument("--reps", type=int, default=10)
+    parser.add_argument("--fused", type=int, default=5, help="steps fused per call (n_jitted_steps)")
+    parser.add_argument("--devices", help="CPU only: comma-separated device counts to run (default 1,2 on a CPU; "
+                                          "on an accelerator the machine's devices)")
+    parser.add_argument("--child_out", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child_out:
+        with open(args.child_out, "w") as f:
+            json.dump(run(args.config, args.batch, args.reps, args.fused), f)
+        return
+    backend = common.print_backend()
+    on_cpu = backend["platform"] == "cpu"
+    if on_cpu:
+        print(ANCHORS, flush=True)
+    if args.devices and not on_cpu:
+        raise ValueError(f"--devices is for CPU runs (host-platform devices); the default backend is "
+                         f"{backend['platform']}: leave --devices out to use its "
+                         f"{backend['local_device_count']} devices.")
+    counts = [int(d) for d in (args.devices or ("1,2" if on_cpu else str(backend["local_device_count"]))).split(",")]
+    results = {}
+    for n in counts:
+        same = n == backend["local_device_count"]
+        results[str(n)] = run(args.config, args.batch, args.reps, args.fused) if same else run_in_subprocess(n, args)
+    settings = {"config": args.config, "batch": args.batch, "reps": args.reps, "fused": args.fused}
+    common.write_json(args.out, "train_step", backend, settings, {"devices": results})
 
 
 if __name__ == "__main__":
