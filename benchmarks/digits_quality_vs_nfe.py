@@ -54,6 +54,7 @@ import sde_lib  # noqa: E402
 from configs.vp import digits as vp_digits  # noqa: E402
 from models import utils as mutils  # noqa: E402
 from score_sde import checkpoints, compile_cache, datasets, digits_fd, metrics  # noqa: E402
+from score_sde.digits_fd import bootstrap_fd, centred_interval  # noqa: E402
 
 # (row label, fast sampler, options, score evaluations per step)
 FAST_SAMPLERS = [
@@ -127,26 +128,6 @@ class Cells:
         with open(self.json_path, "w") as f:
             json.dump({"settings": self.settings, "command": self.command, "cells": self.rows, **extra}, f, indent=1)
             f.write("\n")
-
-
-def centred_interval(estimate: float, boot: np.ndarray) -> tuple[float, float]:
-    """95 % interval: ``estimate`` plus the 2.5 and 97.5 percentiles of ``boot`` minus its median.
-
-    Resampling with replacement repeats samples, which inflates a Fréchet distance (at 100 samples in
-    32 dimensions by more than its spread), so the bootstrap is used for the spread only.
-    """
-    q_lo, q_mid, q_hi = np.percentile(boot, [2.5, 50, 97.5])
-    return float(estimate + q_lo - q_mid), float(estimate + q_hi - q_mid)
-
-
-def bootstrap_fd(feats, test_feats, rs, n: int, test_idx=None):
-    """``(fd, lo, hi, resampled fds)``: digits-FD and its 95 % interval (:func:`centred_interval`), ``n`` resamples."""
-    fd = digits_fd.digits_fd_from_features(feats, test_feats)
-    if test_idx is None:
-        test_idx = rs.randint(0, len(test_feats), (n, len(test_feats)))
-    idx = rs.randint(0, len(feats), (n, len(feats)))
-    boot = np.array([digits_fd.digits_fd_from_features(feats[i], test_feats[j]) for i, j in zip(idx, test_idx)])
-    return (fd, *centred_interval(fd, boot), boot)
 
 
 def host_score_fn(config, model, state, sde) -> Callable:

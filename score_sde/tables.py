@@ -63,7 +63,7 @@ from score_sde import mixture_training, paper_results, reporting
 from score_sde.mixtures import IsotropicMixture, make_mixture  # noqa: F401 (tables.make_mixture is public)
 from score_sde.paper_results import TablesError
 
-TABLES = ("sampler", "likelihood", "trained_sampler", "trained_likelihood", "paper")
+TABLES = ("sampler", "likelihood", "trained_sampler", "trained_likelihood", "paper", "digits")
 TRAINED = ("trained_sampler", "trained_likelihood")
 # Training weightings of the small models: λ = std² (the paper's default) and λ = g² (likelihood weighting).
 WEIGHTINGS = ("plain", "likelihood")
@@ -141,6 +141,9 @@ def check_config(config) -> None:
             problems.append(f"config.tables.nll_probes = {t.nll_probes}: the Hutchinson error needs at least 2 probes")
         if not t.nll_tolerances:
             problems.append("config.tables.nll_tolerances is empty: give the ODE tolerances, the main one first")
+    from score_sde import tables_digits  # it reads this module's names
+
+    problems += tables_digits.check_config(config)
     if problems:
         raise TablesError("Invalid tables config:\n  " + "\n  ".join(problems))
 
@@ -522,7 +525,7 @@ def run(config, workdir: str) -> dict:
     Everything that can fail for a bad config, a foreign ``tables.json`` or an evaluation
     workdir of another model fails before anything is written.
     """
-    from score_sde import tables_report  # it reads this module's names
+    from score_sde import tables_digits, tables_report  # they read this module's names
 
     check_config(config)
     paper = paper_results.load_paper() if "paper" in config.tables.which else None
@@ -530,9 +533,13 @@ def run(config, workdir: str) -> dict:
     os.makedirs(workdir, exist_ok=True)
     path = os.path.join(workdir, "tables.json")
     store = _load_store(path, config)
+    if "digits" in config.tables.which:
+        tables_digits.prepare_store(config, store, path)
     handler = reporting.add_log_file(os.path.join(workdir, "tables_log.txt"))
     try:
         _compute(config, store, path, workdir)
+        if "digits" in config.tables.which:
+            tables_digits.compute(config, store, lambda s: _save_store(path, s), workdir)
         store["claims"] = tables_report.claims(config, store)
         _save_store(path, store)
         text = tables_report.markdown(config, store, paper, ours)

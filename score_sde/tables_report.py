@@ -11,12 +11,13 @@ import os
 import numpy as np
 from PIL import Image, ImageDraw
 
-from score_sde import paper_results
+from score_sde import digits_fd, paper_results
 from score_sde import tables as T
 
 METRICS = (("sw", "sliced W1 to exact samples", "{:.3f}"), ("dlogp", "Δ mean log p (nats)", "{:+.3f}"),
            ("mmd2", "MMD² to exact samples", "{:.1e}"))
 LIKELIHOOD_TOLERANCE = 1e-3
+PREVIEW_DIGITS = 8  # digits per row of digits_samples.png
 SDE_LABELS = {"vesde": "VE", "vpsde": "VP", "subvpsde": "subVP"}
 ROW_LABELS = {"ancestral_sampling": "ancestral sampling", "reverse_diffusion": "reverse diffusion",
               "probability_flow": "probability flow", T.CORRECTOR_ONLY: "corrector only", T.EXACT: "exact samples"}
@@ -143,6 +144,7 @@ def claims(config, store: dict) -> list:
                           [(label(d, s, p), _cell(store, d, s, p, g["P"]), _cell(store, d, s, p, g["P2"]))
                            for d, s in where for p in preds(s)]))
     out += _trained_likelihood_claims(config, store)
+    out += _digits_claims(config, store)
     lik = store.get("likelihood", {})
     if lik:
         errors = {key: float(np.max(np.abs(c["solver"]))) for key, c in sorted(lik.items())}
@@ -175,16 +177,17 @@ def _bpd_difference(worse: dict | None, better: dict | None) -> tuple[float, flo
     return mean, half + solver_spread(worse) + solver_spread(better)
 
 
-def _bpd_claim(text: str, paper: str, pairs: list) -> dict:
-    """``pairs``: ``(where, worse cell, better cell)`` of the trained-likelihood table (see :func:`_bpd_difference`)."""
-    diffs = [(where, _bpd_difference(worse, better)) for where, worse, better in pairs]
+def _bpd_claim(text: str, paper: str, pairs: list, difference=None, metric: str = "bits/dim") -> dict:
+    """``pairs``: ``(where, worse cell, better cell)`` of the trained-likelihood table (see :func:`_bpd_difference`);
+    ``difference(worse, better) -> (mean, half-width) | None`` for other cells (``metric`` names the number)."""
+    diffs = [(where, (difference or _bpd_difference)(worse, better)) for where, worse, better in pairs]
     verdicts = [_verdict(d) for _, d in diffs]
     tally = {v: verdicts.count(v) for v in ("holds", "does not hold", "inconclusive")}
     n = len(verdicts)
     overall = ("not measured" if not n else "holds" if tally["holds"] == n else
                "does not hold" if tally["does not hold"] == n else "inconclusive")
-    return {"claim": text, "paper": paper, "overall": {"bits/dim": overall}, "tally": {"bits/dim": tally},
-            "instances": [{"where": where, "bits/dim": {"verdict": v, "difference": None if d is None else list(d)}}
+    return {"claim": text, "paper": paper, "overall": {metric: overall}, "tally": {metric: tally},
+            "instances": [{"where": where, metric: {"verdict": v, "difference": None if d is None else list(d)}}
                           for (where, d), v in zip(diffs, verdicts)]}
 
 
@@ -213,6 +216,47 @@ def _trained_likelihood_claims(config, store: dict) -> list:
                           "— (ground truth the paper did not have)",
                           [(label(d, s, w), get(d, s, w), get(d, s, w) and _exact_as_cell(get(d, s, w)))
                            for d in t.trained_dims for s in t.sdes for w in T.WEIGHTINGS]))
+    return out
+
+
+def _fd_difference(worse: dict | None, better: dict | None) -> tuple[float, float] | None:
+    """digits-FD of ``worse − better`` and the larger half of its 95 % bootstrap interval (the cells resample
+    the test digits with the same indices, so the resampled differences are paired on them)."""
+    if not worse or not better:
+        return None
+    diff = worse["fd"] - better["fd"]
+    lo, hi = digits_fd.centred_interval(diff, np.asarray(worse["boot"]) - np.asarray(better["boot"]))
+    return diff, max(hi - diff, diff - lo)
+
+
+def _digits_claims(config, store: dict) -> list:
+    """The paper's claims on the digits models: bits/dim (Table 2) and digits-FD of the samplers (Table 1)."""
+    t, cells = config.tables, store.get("digits", {})
+    if "digits" not in t.which or not cells.get("nll"):
+        return []
+    nll, fd, g = cells["nll"], cells.get("fd", {}), _grid(config, t.digits_samplers)
+    key = lambda *parts: "/".join(parts)
+    out = [_bpd_claim("digits: likelihood weighting (λ = g²) lowers the NLL (bits/dim) of the trained model",
+                      "yes (Table 2)", [(f"digits {SDE_LABELS[s]}", nll.get(key(s, "plain")),
+                                         nll.get(key(s, "likelihood"))) for s in t.digits_sdes])]
+    if {"vpsde", "subvpsde"} <= set(t.digits_sdes):
+        out.append(_bpd_claim("digits: subVP has a lower NLL than VP (the same training otherwise)",
+                              "yes (Table 2: subVP ≤ VP in every pair)",
+                              [(f"digits {w}", nll.get(key("vpsde", w)), nll.get(key("subvpsde", w)))
+                               for w in T.WEIGHTINGS]))
+    preds = lambda s: [p for p in t.digits_predictors if not (p == "ancestral_sampling" and s == "subvpsde")]
+    if g["P"] and g["PC"] and fd:
+        out.append(_bpd_claim(f"digits: {g['PC']} beats {g['P']} in digits-FD (a corrector step helps)",
+                              "always (Table 1, FID)",
+                              [(f"digits {SDE_LABELS[s]} {ROW_LABELS[p]}", fd.get(key(s, p, g["P"])),
+                                fd.get(key(s, p, g["PC"]))) for s in t.digits_sdes for p in preds(s)],
+                              _fd_difference, "digits-FD"))
+    if g["P"] and fd and {"probability_flow", "reverse_diffusion"} <= set(t.digits_predictors):
+        out.append(_bpd_claim(f"digits: probability flow is worse than reverse diffusion at {g['P']} in digits-FD",
+                              "yes (Table 1, VE and VP P1000, FID)",
+                              [(f"digits {SDE_LABELS[s]}", fd.get(key(s, "probability_flow", g["P"])),
+                                fd.get(key(s, "reverse_diffusion", g["P"]))) for s in t.digits_sdes],
+                              _fd_difference, "digits-FD"))
     return out
 
 
@@ -287,6 +331,57 @@ def _trained_likelihood_table(config, store: dict) -> list[str]:
     return lines + [""]
 
 
+def _digits_section(config, store: dict) -> list[str]:
+    """Table 2 (bits/dim) and the digits-FD column of the digits stage (:mod:`score_sde.tables_digits`)."""
+    t, cells = config.tables, store.get("digits", {})
+    train, nll, fd = cells.get("train", {}), cells.get("nll", {}), cells.get("fd", {})
+    lines = ["## Digits: Table 2 (bits/dim) and a digits-FD column", "",
+             f"The embedded 8×8 digits, uniformly dequantised (the paper's setting). Models: "
+             f"`configs/{{ve,vp,subvp}}/digits.py` with a residual MLP (`models/mlp.py`, width {t.digits_width}, "
+             f"{t.digits_blocks} blocks) instead of their DDPM++, trained {t.digits_train_steps} steps (batch "
+             f"{t.digits_batch_size}, lr {t.digits_lr}) by `run_lib.train` on dequantised training digits, with "
+             "λ = std² or likelihood weighting λ = g² (no importance sampling).", "",
+             f"**Bits/dim** of 8-bit data through the probability-flow ODE on the first {t.digits_nll_points} test "
+             "digits, each dequantised once with fixed noise (the same for every model). Three error bars: the 95% "
+             "interval over those points (which holds the dequantisation noise; ± after the value), the Hutchinson "
+             f"standard error of the mean over {t.digits_nll_probes} Rademacher probes, and the spread of the mean "
+             "over the ODE tolerances swept (the first is reported). **There is no exact NLL of the digits**: unlike "
+             "the mixtures, these numbers compare models with each other only, as the paper's Table 2 does.", "",
+             "| SDE | weighting | network (parameters, steps) | bits/dim ± 95% CI over points | Hutchinson s.e. | "
+             "tolerance sweep (rtol = atol: mean) | solver spread | ODE evaluations |", "|---" * 8 + "|"]
+    for s in t.digits_sdes:
+        for w in T.WEIGHTINGS:
+            c, tr = nll.get(f"{s}/{w}"), train.get(f"{s}/{w}")
+            if not c:
+                continue
+            sweep = ", ".join(f"{tol:.0e}: {m:.4f}" for tol, m in zip(c["tolerances"], c["tol_means"]))
+            net = f"{tr['parameters']:,}, {tr['steps']}" if tr else "n/a"
+            lines.append(f"| {SDE_LABELS[s]} | {'λ = g² (likelihood)' if w == 'likelihood' else 'λ = std²'} | {net} | "
+                         f"{_fmt(*T.mean_ci(c['ode']), '{:.4f}')} | {hutchinson_error(c):.1e} | {sweep} | "
+                         f"{solver_spread(c):.1e} | {' / '.join(map(str, c['nfe']))} |")
+    samplers = [T.parse_sampler(n) for n in t.digits_samplers]
+    floor = fd.get("real_digits")
+    lines += ["", f"**digits-FD** (Fréchet distance in the features of the shipped digits classifier, "
+              "`score_sde/digits_fd.py`; **not FID**, comparable only with other digits-FD numbers) of "
+              f"{t.digits_num_samples} samples of the λ = std² models against the 297 test digits, 95% bootstrap "
+              f"intervals ({t.digits_bootstrap} resamples; their spread around the median, centred on the value). "
+              f"Samplers named as Table 1's (N = noise scales; Langevin snr {t.snr}); score evaluations in brackets. "
+              "The floor: as many real training digits against the same test digits"
+              + (f": **{floor['fd']:.1f} [{floor['ci95'][0]:.1f}, {floor['ci95'][1]:.1f}]**." if floor else "."), "",
+              "| sampler (score evaluations) | " + " | ".join(SDE_LABELS[s] for s in t.digits_sdes) + " |",
+              "|---" * (len(t.digits_sdes) + 1) + "|"]
+    for smp in samplers:
+        for p in (list(t.digits_predictors) if smp.predictor else [T.CORRECTOR_ONLY]):
+            row = []
+            for s in t.digits_sdes:
+                c = fd.get(f"{s}/{p}/{smp.name}")
+                text = f"{c['fd']:.1f} [{c['ci95'][0]:.1f}, {c['ci95'][1]:.1f}]" if c else "–"
+                row.append(text + (f" ({c['diverged']} diverged)" if c and c.get("diverged") else ""))
+            if any(r != "–" for r in row):
+                lines.append(f"| {ROW_LABELS[p]} {smp.name} ({smp.nfe}) | " + " | ".join(row) + " |")
+    return lines + ["", "`digits_samples.png`: the first samples of each cell.", ""]
+
+
 def _claims_section(claim_list: list) -> list[str]:
     lines = ["## Which of the paper's claims hold at this scale", "",
              "Generated from the measured cells. Each instance compares two cells on two distances to the truth, "
@@ -294,7 +389,8 @@ def _claims_section(claim_list: list) -> list[str]:
              "of (worse − better), paired by seed, lies above 0, does not hold when below 0, and is inconclusive "
              "when it contains 0 (the samplers are then closer to each other than this many samples resolve). "
              "The bits/dim claims compare trained models on the same data points: a 95% interval of the paired "
-             "difference over points, widened by both models' solver-tolerance spreads.", ""]
+             "difference over points, widened by both models' solver-tolerance spreads. The digits-FD claims: the larger "
+             "half of a 95% bootstrap interval of the difference (test digits resampled alike for both cells).", ""]
     for c in claim_list:
         overall = "; ".join(f"{CLAIM_METRICS.get(m, m)}: **{v}**" + (
             " (" + ", ".join(f"{k} {n}" for k, n in c["tally"][m].items() if n) + ")" if c["tally"].get(m) else "")
@@ -354,6 +450,8 @@ def markdown(config, store: dict, paper: dict | None, ours: dict) -> str:
                   "the noise floor, row 'exact samples', is measured at this size and is higher). The difference "
                   "from the exact-score table is the learning error.", ""] + _sampler_tables(config, store,
                                                                                              "trained_sampler")
+    if "digits" in t.which:
+        lines += _digits_section(config, store)
     lines += _claims_section(store.get("claims", []))
     if paper is not None:
         lines.append(paper_results.markdown(paper, ours))
@@ -388,8 +486,9 @@ def _panel(draw, box, series: dict, floor: float | None, title: str, xr, yr) -> 
 def plots(config, store: dict, workdir: str) -> list[str]:
     """``sampler_error.png`` (SW vs score evaluations per dim × SDE) and ``samples_2d.png``."""
     t = config.tables
+    digits = [_digits_plot(config, store, workdir)] if store.get("digits", {}).get("fd") else []
     if "sampler" not in t.which:
-        return []
+        return digits
     samplers = [T.parse_sampler(s) for s in t.samplers]
     panels = {}
     for dim in t.dims:
@@ -403,7 +502,7 @@ def plots(config, store: dict, workdir: str) -> list[str]:
     values = [m for series, _ in panels.values() for pts in series.values() for _, m, _ in pts if m > 0]
     nfes = [smp.nfe for smp in samplers]
     if not values:
-        return []
+        return digits
     xr = (math.log10(min(nfes)) - 0.1, math.log10(max(nfes)) + 0.1)
     yr = (math.log10(min(values)) - 0.2, math.log10(max(values)) + 0.2)
     w, h = 300, 220
@@ -418,8 +517,8 @@ def plots(config, store: dict, workdir: str) -> list[str]:
             series, floor = panels[(dim, s)]
             _panel(draw, (j * w + 2, 24 + i * h + 2, (j + 1) * w - 2, 24 + (i + 1) * h - 2), series, floor,
                    f"{dim}-D {SDE_LABELS[s]}: sliced W1 vs NFE", xr, yr)
-    paths = [os.path.join(workdir, "sampler_error.png")]
-    image.save(paths[0])
+    paths = digits + [os.path.join(workdir, "sampler_error.png")]
+    image.save(paths[-1])
     if 2 in t.dims:
         paths.append(_samples_plot(config, store, workdir))
     if "trained_sampler" in t.which and 2 in t.trained_dims:
@@ -450,5 +549,23 @@ def _samples_plot(config, store: dict, workdir: str, table: str = "sampler") -> 
                 if x0 < u < x0 + size and y0 < v < y0 + size:
                     draw.point((u, v), fill=COLORS[p])
     path = os.path.join(workdir, "samples_2d_trained.png" if table == "trained_sampler" else "samples_2d.png")
+    image.save(path)
+    return path
+
+
+def _digits_plot(config, store: dict, workdir: str, scale: int = 4) -> str:
+    """``digits_samples.png``: per row the first samples of one digits-FD cell (the floor first), labelled."""
+    fd = store["digits"]["fd"]
+    keys = [k for k in ["real_digits"] if k in fd] + sorted(k for k in fd if k != "real_digits")
+    side, label_w = 8 * scale, 260
+    image = Image.new("L", (label_w + (side + 2) * PREVIEW_DIGITS, (side + 2) * len(keys)), 255)
+    draw = ImageDraw.Draw(image)
+    for i, key in enumerate(keys):
+        y = i * (side + 2)
+        draw.text((2, y + side // 3), f"{key}: {fd[key]['fd']:.1f}", fill=0)
+        for j, pixels in enumerate(fd[key]["preview"][:PREVIEW_DIGITS]):
+            digit = Image.fromarray(np.asarray(pixels, np.uint8).reshape(8, 8)).resize((side, side), Image.NEAREST)
+            image.paste(digit, (label_w + j * (side + 2), y))
+    path = os.path.join(workdir, "digits_samples.png")
     image.save(path)
     return path

@@ -57,6 +57,25 @@ def get_config():
     tables.nll_points = 128
     tables.nll_probes = 3
     tables.nll_tolerances = (1e-4, 1e-3)
+    # The digits stage (score_sde/tables_digits.py): Table 2 (bits/dim) and a digits-FD column on the embedded
+    # 8x8 digits, uniformly dequantised, with residual MLPs (models/mlp.py) trained by run_lib.train.
+    tables.which += ('digits',)
+    tables.digits_sdes = ('vesde', 'vpsde', 'subvpsde')
+    tables.digits_train_steps = 1500
+    tables.digits_batch_size = 128
+    tables.digits_width = 256
+    tables.digits_blocks = 2
+    tables.digits_lr = 1e-3
+    # Bits/dim on the first digits_nll_points test digits, digits_nll_probes Rademacher probes, ODE tolerances
+    # (rtol = atol; the first is reported, the others measure the solver error).
+    tables.digits_nll_points = 297
+    tables.digits_nll_probes = 3
+    tables.digits_nll_tolerances = (1e-4, 1e-3)
+    # digits-FD of digits_num_samples samples of the λ = std² models per sampler, against the 297 test digits.
+    tables.digits_predictors = ('reverse_diffusion', 'probability_flow')
+    tables.digits_samplers = ('P100', 'PC100')
+    tables.digits_num_samples = 297
+    tables.digits_bootstrap = 200
     # Folder of evaluated released checkpoints (<eval_root>/<checkpoint>/eval_*/summary.json); '' for none.
     tables.eval_root = ''
     return config

@@ -23,7 +23,7 @@ def get_config():
     tables.likelihood_points = 64
     # The trained-score sampler grid is left to cpu.py (minutes of network evaluations); Table 2's trained
     # models stay, in 2-D.
-    tables.which = ('sampler', 'likelihood', 'trained_likelihood', 'paper')
+    tables.which = ('sampler', 'likelihood', 'trained_likelihood', 'paper')  # no 'digits' (cpu.py's ~10 minutes)
     tables.trained_dims = (2,)
     tables.train_steps = 500
     tables.train_width = 32
