@@ -3,9 +3,10 @@
 Configs (``--config`` of ``train_step.py``, ``sampling.py``, ``likelihood.py``):
 
 * ``benchmark`` — the benchmark DDPM++ of ``docs/performance.md`` (anchors):
-  ``configs/vp/cifar10_ddpmpp_continuous.py`` with ``nf=32, ch_mult=(1, 2, 2), num_res_blocks=2, attn_resolutions=(16,)`` (1,754,147 parameters);
-* ``tiny`` — the same family at a smoke-test size (8×8 images, ``nf=8``): exercises every code path in seconds on a
-  CPU, times nothing worth reading;
+  ``configs/vp/cifar10_ddpmpp_continuous.py`` with ``nf=32, ch_mult=(1, 2, 2), num_res_blocks=2,
+  attn_resolutions=(16,)`` (1,754,147 parameters);
+* ``tiny`` — the same family at a smoke-test size (8×8 images, ``nf=8``, one resolution): exercises every code path
+  in seconds on a CPU, times nothing worth reading;
 * any config under ``configs/`` by name, unchanged, e.g. ``vp/cifar10_ddpmpp_continuous`` (the full DDPM++, 61,804,419
   parameters), or a path to a config file.
 """
@@ -16,43 +17,45 @@ import importlib.util
 import json
 import os
 
-from configs.vp import cifar10_ddpmpp_continuous
-
 BENCHMARK_DDPMPP_PARAMS = 1_754_147
+# The base of both sizes: configs/vp/cifar10_ddpmpp_continuous.py (here and in the PyTorch port alike).
+BASE_CONFIG = "vp/cifar10_ddpmpp_continuous"
+# Fields changed from the base config, per size. Tiny: 8×8 images, one resolution of one residual block (the fewest
+# layers, hence the shortest compilation), attention kept.
+SIZES = {
+    "benchmark": {"model.nf": 32, "model.ch_mult": (1, 2, 2), "model.num_res_blocks": 2,
+                  "model.attn_resolutions": (16,)},
+    "tiny": {"data.image_size": 8, "model.nf": 8, "model.ch_mult": (1,), "model.num_res_blocks": 1,
+             "model.attn_resolutions": (8,)},
+}
+
+
+def resize(config, size: str):
+    """``config`` with the fields of ``SIZES[size]`` set (a config of this repository or of the PyTorch port)."""
+    for path, value in SIZES[size].items():
+        group, field = path.split(".")
+        setattr(getattr(config, group), field, value)
+    return config
 
 
 def shrink(config):
     """The benchmark size: ``nf=32, ch_mult=(1, 2, 2), num_res_blocks=2, attn_resolutions=(16,)``."""
-    config.model.nf = 32
-    config.model.ch_mult = (1, 2, 2)
-    config.model.num_res_blocks = 2
-    config.model.attn_resolutions = (16,)
-    return config
+    return resize(config, "benchmark")
 
 
 def benchmark_config():
     """``configs/vp/cifar10_ddpmpp_continuous.py`` shrunk to the benchmark DDPM++ (1,754,147 parameters)."""
-    return shrink(cifar10_ddpmpp_continuous.get_config())
-
-
-def tiny_config():
-    """The benchmark DDPM++ family at a smoke-test size: 8×8×3 images, ``nf=8``, one resolution of one residual block
-    (the fewest layers, hence the shortest compilation), attention kept."""
-    config = cifar10_ddpmpp_continuous.get_config()
-    config.data.image_size = 8
-    config.model.nf = 8
-    config.model.ch_mult = (1,)
-    config.model.num_res_blocks = 1
-    config.model.attn_resolutions = (8,)
-    return config
+    return load_config("benchmark")
 
 
 def load_config(name: str):
-    """The config ``--config name`` names: ``benchmark``, ``tiny``, ``<family>/<config>`` under configs/, or a path."""
-    if name == "benchmark":
-        return benchmark_config()
-    if name == "tiny":
-        return tiny_config()
+    """The config ``--config name`` names: ``benchmark``, ``tiny``, ``<family>/<config>`` under configs/, or a path.
+
+    Configs are imported from the ``configs`` package first on ``sys.path`` (the PyTorch port's own, in
+    ``pytorch_port.py``).
+    """
+    if name in SIZES:
+        return resize(load_config(BASE_CONFIG), name)
     if name.endswith(".py"):
         if not os.path.isfile(name):
             raise FileNotFoundError(f"--config {name}: no such config file.")

@@ -42,6 +42,7 @@ import numpy as np  # noqa: E402
 import fast_sampling  # noqa: E402
 import sampling  # noqa: E402
 import sde_lib  # noqa: E402
+from benchmarks import common  # noqa: E402
 from score_sde import toy  # noqa: E402
 
 BUDGETS = (5, 10, 20, 50, 100)
@@ -167,6 +168,7 @@ def main() -> None:
     parser.add_argument("--projections", type=int, default=256)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
+    common.print_backend()
     sde = make_sde(args.sde)
     eps = EPS[args.sde]
     run_dataset("2-D mixture", mixture_2d(), sde, eps, args.n, args.seed, args.projections)

@@ -136,9 +136,10 @@ def main() -> None:
     parser.add_argument("--out", help="also write the results as JSON to this file")
     args = parser.parse_args()
     sys.path.insert(0, ROOT)
-    import jax
+    from benchmarks import common
 
-    print(f"train step memory per device ({args.method}); backend {jax.default_backend()}", flush=True)
+    common.print_backend()
+    print(f"train step memory per device ({args.method})", flush=True)
     results = []
     for name in args.configs.split(","):
         for remat, dtype in VARIANTS:

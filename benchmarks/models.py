@@ -33,7 +33,7 @@ import numpy as np  # noqa: E402
 import losses  # noqa: E402
 import sde_lib  # noqa: E402
 from configs.ve import cifar10_ncsnpp_continuous  # noqa: E402
-from benchmarks.common import BENCHMARK_DDPMPP_PARAMS, benchmark_config, shrink  # noqa: E402
+from benchmarks.common import BENCHMARK_DDPMPP_PARAMS, benchmark_config, print_backend, shrink  # noqa: E402
 from models import utils as mutils  # noqa: E402
 
 BATCH = 8
@@ -87,6 +87,7 @@ def main() -> None:
     parser.add_argument("--models", default="ddpmpp,ncsnpp", help="comma-separated: ddpmpp, ncsnpp")
     args = parser.parse_args()
     reps = 5 if args.quick else 20
+    print_backend()
 
     for name in args.models.split(","):
         config, model, params, sde, x, cond = build(name)

@@ -87,8 +87,8 @@ def report(results: dict, name: str, wall: float, cpu: float, nfe: int, floor: t
           f"{wall / nfe / floor[0]:.3f} | cpu per_eval {cpu / nfe:.4f} s ratio {cpu / nfe / floor[1]:.3f}{extra}",
           flush=True)
     results[name] = {"total_s": wall, "nfe": nfe, "per_eval_s": wall / nfe,
-                     "ratio_to_score_eval": wall / nfe / floor[0], "cpu_per_eval_s": cpu / nfe, "cpu_ratio_to_score_eval": cpu / nfe / floor[1],
-                     "score_eval_s": floor[0], **fields}
+                     "ratio_to_score_eval": wall / nfe / floor[0], "cpu_per_eval_s": cpu / nfe,
+                     "cpu_ratio_to_score_eval": cpu / nfe / floor[1], "score_eval_s": floor[0], **fields}
 
 
 def main(argv=None) -> None:

@@ -62,6 +62,17 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=900.0)
     args, extra = parser.parse_known_args()
     extra = [a for a in extra if a != "--"]
+    # The backend main.py will pick, read in this process without taking the accelerator's memory from the runs.
+    child_env_preallocate = os.environ.get("XLA_PYTHON_CLIENT_PREALLOCATE")
+    os.environ["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
+    sys.path.insert(0, ROOT)
+    from benchmarks import common
+
+    common.print_backend()
+    if child_env_preallocate is None:
+        os.environ.pop("XLA_PYTHON_CLIENT_PREALLOCATE")
+    else:
+        os.environ["XLA_PYTHON_CLIENT_PREALLOCATE"] = child_env_preallocate
     with tempfile.TemporaryDirectory() as tmp:
         cache = os.path.join(tmp, "cache")
         rows = [("cold cache", os.path.join(tmp, "w1"), cache),
