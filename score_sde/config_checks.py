@@ -72,6 +72,12 @@ def _correctors() -> Sequence[str]:
     return sampling.registered_correctors()
 
 
+def _dequantizer_architectures() -> Sequence[str]:
+    from models.flowpp import dequantizer  # lazy: JAX / flax code
+
+    return tuple(dequantizer.ARCHITECTURES)
+
+
 @dataclasses.dataclass(frozen=True)
 class _Choice:
     """``field`` must be one of ``allowed()``; ``fold`` maps the value before the comparison."""
@@ -92,6 +98,7 @@ _CHOICES: tuple[_Choice, ...] = (
     _Choice('sampling.ode_solver', lambda: ('jax', 'scipy'), required=False),
     _Choice('model.dtype', lambda: ('float32', 'bfloat16'), required=False),  # models.utils.COMPUTE_DTYPES
     _Choice('data.dataset', lambda: DATASETS),
+    _Choice('deq.arch', _dequantizer_architectures, required=False),  # the Flow++ dequantiser (issue 15)
 )
 
 

@@ -27,3 +27,22 @@ def assert_close_scaled(actual, expected, rtol: float = 1e-4) -> None:
     scale = np.abs(expected).max()
     err = np.abs(actual - expected).max()
     assert err <= rtol * scale, f"max abs error {err:.3g} > {rtol}·{scale:.3g}"
+
+
+def flatten_tree(tree) -> dict:
+    """``{'a/b/c': leaf}`` of a nested dict of arrays (a parameter tree), the keys of the golden files."""
+    import jax
+
+    return {"/".join(str(k.key) for k in path): leaf for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def unflatten_tree(flat: dict) -> dict:
+    """Inverse of :func:`flatten_tree`, leaves as numpy arrays."""
+    tree: dict = {}
+    for key, value in flat.items():
+        *parents, leaf = key.split("/")
+        node = tree
+        for parent in parents:
+            node = node.setdefault(parent, {})
+        node[leaf] = np.asarray(value)
+    return tree

@@ -11,8 +11,9 @@ Added fields (read by ``losses`` / ``bound_likelihood`` through ``run_lib``):
 
 * ``deq.*``: the Flow++ variational dequantiser (``--mode train_deq``, ``score_sde/dequantizer_train.py``):
   score_flow's ``n_iters``, ``ema_rate``, ``dropout``, ``offset`` (the bound's ``p_eps -> p_0`` term in its
-  loss), plus its network's size (``filters``, ``components``, ``blocks``, ``attn_heads``: score_flow's
-  CIFAR-10 values, fixed in its code) and ``score_ckpt``, the score checkpoint it is trained against
+  loss), plus its network's architecture (``arch``: ``'cifar10'``, or ``'imagenet32'`` in the ImageNet
+  configs; score_flow chose by dataset) and size (``filters``, ``components``, ``blocks``, ``attn_heads``:
+  score_flow's CIFAR-10 values, fixed in its code) and ``score_ckpt``, the score checkpoint it is trained against
   (0: the newest; score_flow read ``eval.ckpt_id``).
 * ``eval.dequantizer``: bits/dim under the trained dequantiser instead of uniform noise.
 
@@ -51,6 +52,7 @@ def add_deq_defaults(config: ml_collections.ConfigDict) -> ml_collections.Config
     deq.ema_rate = 0.99
     deq.dropout = 0.0
     deq.offset = True
+    deq.arch = 'cifar10'  # models.flowpp.dequantizer.ARCHITECTURES
     deq.filters = 96
     deq.components = 32
     deq.blocks = 2

@@ -2,7 +2,8 @@
 
 ``data.dataset = 'ImageNet'`` reads tfds ``downsampled_imagenet/32x32`` (1,281,149 train, 50,000 validation
 images; ``score_sde.datasets``). What score_flow changed from its CIFAR-10 defaults: no random flips, no
-dropout, one pass over the evaluation split for bits/dim (``eval.num_repeats``). Its ImageNet defaults
+dropout, one pass over the evaluation split for bits/dim (``eval.num_repeats``), and its ImageNet 32×32
+dequantiser (``deq.arch``, sizes fixed in score_flow's code). Its ImageNet defaults
 leave ``sampling.smallest_time`` unset; every ImageNet config sets it, so it stays here from CIFAR-10.
 """
 import ml_collections
@@ -16,6 +17,10 @@ def apply_imagenet32_defaults(config: ml_collections.ConfigDict) -> ml_collectio
     config.data.random_flip = False
     config.model.dropout = 0.
     config.eval.num_repeats = 1
+    deq = config.deq
+    deq.arch = 'imagenet32'
+    deq.filters = 128
+    deq.blocks = 8
     return config
 
 

@@ -7,6 +7,8 @@ Module and parameter names are score_flow's (``Norm_<i>/norm<j>_g``, ``Pointwise
 """
 from __future__ import annotations
 
+import math
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -87,10 +89,10 @@ class MixLogisticAttnCoupling(nn.Module):
     """Coupling layer ``(a, b) -> (a, exp(s) · logit(MixLogisticCDF(b)) + t)`` with ``s``, ``t`` and the mixture
     (``components`` logistics per element) computed from ``a`` and the context.
 
-    The conditioner: conv to ``filters`` channels, then ``blocks`` × [gated conv with the context, layer
-    norm, gated attention with a learnt position embedding, layer norm], then a conv to
+    The conditioner (:meth:`features`): conv to ``filters`` channels, then ``blocks`` × [gated conv with the
+    context, layer norm, gated attention with a learnt position embedding, layer norm], then a conv to
     ``C · (2 + 3 · components)`` channels (named after the last block, as score_flow's). ``filters`` must be
-    a multiple of ``heads``.
+    a multiple of ``heads``. Subclasses change the conditioner by overriding :meth:`features`.
     """
 
     filters: int
@@ -101,32 +103,41 @@ class MixLogisticAttnCoupling(nn.Module):
     dropout_p: float = 0.0
     min_logscale: float = -7.0
 
-    def conditioner(self, a, context, train):
-        """Half (B, H, W', C), context (B, H, W', C') -> mixture logits, means, logscales (B, H, W', C, K), s, t
-        (B, H, W', C)."""
-        batch, height, width, channels = a.shape
-        pos_emb = self.param("pos_emb", nn.initializers.normal(stddev=0.01), (height, width, self.filters))
-        x = layers.conv2d(self, a, name="proj_in", num_units=self.filters)
+    def attention_blocks(self, x, context, pos_emb, train, conv=layers.conv2d):
+        """``blocks`` × [gated ``conv`` with the context, layer norm, gated attention, layer norm]: x (B, H, W', F),
+        context (B, H, W', C'), pos_emb (H, W', F) -> (B, H, W', F)."""
         for i in range(self.blocks):
             name = f"block{i}"
             x = layers.gated_conv(self, x, name=f"{name}_conv", context=context, use_nin=True,
-                                  dropout_p=self.dropout_p, train=train)
+                                  dropout_p=self.dropout_p, train=train, conv=conv)
             x = layers.layernorm(self, x, name=f"{name}_ln1")
             x = layers.gated_attn(self, x, name=f"{name}_attn", pos_emb=pos_emb, heads=self.heads,
                                   dropout_p=self.dropout_p, train=train)
             x = layers.layernorm(self, x, name=f"{name}_ln2")
-        x = layers.conv2d(self, x, name=f"block{self.blocks - 1}_proj_out",
-                          num_units=channels * (2 + 3 * self.components), init_scale=self.init_scale)
-        x = jnp.reshape(x, (batch, height, width, channels, 2 + 3 * self.components))
-        logits, means, logscales = jnp.split(x[..., 2:], 3, axis=-1)
-        return logits, means, logscales, jnp.tanh(x[..., 0]), x[..., 1]
+        return x
+
+    def features(self, a, context, train):
+        """Half (B, H, W', C), context (B, H, W', C') -> (B, H, W', C · (2 + 3 · components)): per element of
+        ``b``, ``s`` and ``t`` before their activation, then the mixture's logits, means and log-scales."""
+        pos_emb = self.param("pos_emb", nn.initializers.normal(stddev=0.01), a.shape[1:3] + (self.filters,))
+        x = layers.conv2d(self, a, name="proj_in", num_units=self.filters)
+        x = self.attention_blocks(x, context, pos_emb, train)
+        return layers.conv2d(self, x, name=f"block{self.blocks - 1}_proj_out",
+                             num_units=a.shape[-1] * (2 + 3 * self.components), init_scale=self.init_scale)
 
     @nn.compact
     def __call__(self, halves, context, train: bool = False):
         a, b = halves
-        logits, means, logscales, s, t = self.conditioner(a, context, train)
+        x = jnp.reshape(self.features(a, context, train), b.shape + (2 + 3 * self.components,))
+        logits, means, logscales = jnp.split(x[..., 2:], 3, axis=-1)
+        s, t = jnp.tanh(x[..., 0]), x[..., 1]
         logscales = jnp.maximum(logscales, self.min_logscale)
         cdf = jnp.exp(mixlogistic_logcdf(b, logits, means, logscales))
         logdet = sum_per_example(mixlogistic_logpdf(b, logits, means, logscales))
         h, logdet_logit = logit(cdf)
         return (a, h * jnp.exp(s) + t), logdet + logdet_logit + sum_per_example(s)
+
+
+def standard_normal_logpdf(eps):
+    """log N(eps; 0, I) per example: (B, ...) -> (B,)."""
+    return sum_per_example(-eps ** 2 / 2.0 - 0.5 * math.log(2 * math.pi))

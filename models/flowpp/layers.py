@@ -52,6 +52,28 @@ def conv2d(module: nn.Module, x, *, name: str, num_units: int, init_scale: float
     return jax.lax.conv_general_dilated(x, kernel, (1, 1), "SAME", dimension_numbers=_APPLY_DIMS) + bias
 
 
+def conv2d_weightnorm(module: nn.Module, x, *, name: str, num_units: int, init_scale: float = 1.0):
+    """Weight-normalised (Salimans & Kingma 2016) 3×3 'SAME' convolution, stride 1, as score_flow's ImageNet
+    dequantiser: (B, H, W, C) -> (B, H, W, num_units).
+
+    Kernel ``g · V / |V|`` (the norm over all but the output axis): ``<name>_V`` (3, 3, C, num_units) drawn from
+    N(0, 0.05²), the gain ``<name>_g`` and bias ``<name>_b`` (num_units,) set from the data. Unlike
+    :func:`conv2d`, applied as (N, H, W, C), without transposition.
+    """
+    direction = module.param(f"{name}_V", nn.initializers.normal(stddev=0.05), (3, 3, x.shape[-1], num_units))
+    direction = direction * jax.lax.rsqrt(jnp.maximum(jnp.sum(jnp.square(direction), axis=(0, 1, 2)), 1e-12))
+
+    def conv(kernel):
+        return jax.lax.conv_general_dilated(x, kernel, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+    def from_data(i):  # 0: the gain, 1: the bias, standardising the output of the unit-norm kernel
+        return lambda rng: normalizing_scale_and_shift(conv(direction), (0, 1, 2), init_scale)[i]
+
+    gain = module.param(f"{name}_g", from_data(0))
+    bias = module.param(f"{name}_b", from_data(1))
+    return conv(direction * gain) + bias
+
+
 def dense(module: nn.Module, x, *, name: str, num_units: int, init_scale: float = 1.0):
     """Affine map (N, D) -> (N, num_units). Kernel (D, num_units)."""
     shape = (x.shape[-1], num_units)
@@ -88,21 +110,21 @@ def gate(x):
 
 
 def gated_conv(module: nn.Module, x, *, name: str, context=None, use_nin: bool, dropout_p: float,
-               train: bool):
+               train: bool, conv=conv2d):
     """Gated residual block: ``x + gate(W2 · concat_elu(W1 · concat_elu(x) [+ V · concat_elu(context)]))``.
 
-    ``x`` (B, H, W, C); ``context`` (B, H, W, C') or None; ``W1`` a conv, ``W2`` a conv or (``use_nin``)
-    a per-pixel dense layer to 2C channels with ``init_scale`` 0.1. Dropout (rate ``dropout_p``) on the
-    hidden layer when ``train``.
+    ``x`` (B, H, W, C); ``context`` (B, H, W, C') or None; ``W1`` a ``conv`` (:func:`conv2d` or
+    :func:`conv2d_weightnorm`), ``W2`` a ``conv`` or (``use_nin``) a per-pixel dense layer to 2C channels with
+    ``init_scale`` 0.1. Dropout (rate ``dropout_p``) on the hidden layer when ``train``.
     """
     channels = x.shape[-1]
-    hidden = conv2d(module, concat_elu(x), name=f"{name}_c1", num_units=channels)
+    hidden = conv(module, concat_elu(x), name=f"{name}_c1", num_units=channels)
     if context is not None:
         hidden = hidden + nin(module, concat_elu(context), name=f"{name}_a_proj", num_units=channels)
     hidden = concat_elu(hidden)
     if dropout_p > 0:
         hidden = nn.Dropout(rate=dropout_p, deterministic=not train)(hidden)
-    out = (nin if use_nin else conv2d)(module, hidden, name=f"{name}_c2", num_units=2 * channels, init_scale=0.1)
+    out = (nin if use_nin else conv)(module, hidden, name=f"{name}_c2", num_units=2 * channels, init_scale=0.1)
     return x + gate(out)
 
 
