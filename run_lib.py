@@ -27,7 +27,7 @@ import logging
 import math
 import os
 import time
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import jax
 import numpy as np
@@ -39,227 +39,21 @@ import losses
 import sampling
 import sde_lib
 from models import utils as mutils
-from score_sde import checkpoints, config_checks, datasets, eval_records, inception, metrics, ode, parallel, reporting
+from score_sde import checkpoints, datasets, eval_records, inception, metrics, ode, parallel, reporting
 from score_sde import sample_plots
+from score_sde.train_checkpoints import (TrainingDivergedError, all_finite, checkpoint_state, divergence_error,
+                                         restore_newest, resume_candidates, use_config_rates)
+from score_sde.train_steps import device_keys, fuse_steps, make_train_and_eval_steps, numpy_batches
+from score_sde.workdir_config import CONFIG_HISTORY, WorkdirConfigError, check_workdir_config, save_config
 
-
-class TrainingDivergedError(FloatingPointError):
-    """The training loss (or the parameters) became NaN or infinite; training stopped."""
-
-
-class WorkdirConfigError(ValueError):
-    """The config differs from the workdir's ``config.json`` in a field that defines its checkpoints."""
-
-
-# ---------------------------------------------------------------------------------------------
-# Small helpers shared by the jobs
-# ---------------------------------------------------------------------------------------------
-
-CONFIG_HISTORY = "config_history.jsonl"
-
-
-def _config_dict(config) -> dict:
-    """``config`` as the JSON dict that ``config.json`` holds (tuples become lists)."""
-    return json.loads(config.to_json_best_effort())
-
-
-def check_workdir_config(config, workdir: str, has_checkpoints: bool) -> dict[str, tuple]:
-    """Compare ``config`` with ``workdir/config.json`` (reads only); return the changes that are allowed.
-
-    Returns:
-        ``field -> (old, new)`` of the differing fields listed in ``config_checks.SAFE_TO_CHANGE``
-        (all differences when the workdir holds no checkpoint: nothing would be resumed); empty
-        for a new workdir.
-
-    Raises:
-        WorkdirConfigError: the workdir holds checkpoints and another field differs; one line
-            naming every such field with both values.
-    """
-    path = os.path.join(workdir, "config.json")
-    if not os.path.exists(path):
-        return {}
-    with open(path) as f:
-        recorded = json.load(f)
-    safe, unsafe = config_checks.config_changes(recorded, _config_dict(config))
-    if unsafe and has_checkpoints:
-        fields = "; ".join(f"{field}: {old!r} -> {new!r}" for field, (old, new) in unsafe.items())
-        raise WorkdirConfigError(
-            f"{workdir} holds checkpoints trained with another config ({path}); refusing to resume with "
-            f"different {fields}. Use a new --workdir for a new run, or the recorded values to go on with "
-            f"this one (fields that may change between runs: {', '.join(config_checks.SAFE_TO_CHANGE)}).")
-    return {**safe, **unsafe}
-
-
-def save_config(config, workdir: str, step: int = 0, changes: dict | None = None) -> str:
-    """Record the config a run goes on with: ``workdir/config.json`` and a line of ``config_history.jsonl``.
-
-    ``config.json`` is replaced atomically; the history gets a line ``{"time", "step", "changes",
-    "config"}`` when the config differs from the last one recorded (the first time, a
-    ``config.json`` left by an older version is recorded first). Process 0 only.
-
-    Args:
-        config: the resolved config.
-        workdir: the run's folder.
-        step: the training step the run starts or resumes at.
-        changes: ``field -> (old, new)`` against the previous config (:func:`check_workdir_config`).
-
-    Returns:
-        The path of ``config.json``.
-    """
-    path = os.path.join(workdir, "config.json")
-    if not parallel.is_main_process():
-        return path
-    history = os.path.join(workdir, CONFIG_HISTORY)
-    entries = []
-    if not os.path.exists(history) and os.path.exists(path):
-        with open(path) as f:
-            entries.append({"time": None, "step": None, "changes": {}, "config": json.load(f)})
-    if changes or not os.path.exists(path):
-        entries.append({"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "step": int(step),
-                        "changes": {k: list(v) for k, v in (changes or {}).items()}, "config": _config_dict(config)})
-    if entries:
-        with open(history, "a") as f:
-            f.writelines(json.dumps(entry, sort_keys=True) + "\n" for entry in entries)
-    tmp_path = path + ".tmp"
-    with open(tmp_path, "w") as f:
-        f.write(config.to_json_best_effort(indent=2, sort_keys=True) + "\n")
-    os.replace(tmp_path, path)
-    return path
-
-
-def numpy_batches(ds, scaler: Callable) -> Iterator[dict]:
-    """Iterate a ``tf.data`` pipeline of ``{'image': ...}`` as ``{'image': scaler(numpy array)}``.
-
-    Only the image is kept (the score losses use nothing else); shapes are unchanged,
-    ``(local_devices, [n_jitted_steps,] per_device_batch, H, W, C)``.
-    """
-    for example in ds.as_numpy_iterator():
-        yield {"image": scaler(np.asarray(example["image"], dtype=np.float32))}
-
-
-def device_keys(rng: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """``(new_rng, keys)`` with one fresh key per local device, ``keys`` of shape ``(local_devices, 2)``.
-
-    The same split as the original (``rng, *keys = split(rng, local_devices + 1)``).
-    """
-    return parallel.split_per_device(rng)
-
-
-def fuse_steps(step_fn: Callable) -> Callable:
-    """``fused((rng, state), batch) -> ((rng, state), losses)``: ``step_fn`` applied to each ``batch['image'][i]``.
-
-    Semantically ``functools.partial(jax.lax.scan, step_fn)`` as in the original, but unrolled
-    into straight-line code. Measured on XLA:CPU (jax 0.10.2, 2 cores), a train step inside
-    ``lax.scan``'s while loop runs ~25× slower than the same step outside one (13 s vs 0.36 s
-    per step for the digits DDPM++), while the unrolled form makes ``n_jitted_steps`` pay off
-    (0.36 s vs 0.56 s per step for one step per call). The cost is compile time, which grows
-    with the number of fused steps.
-    """
-
-    def fused(carry, batch):
-        n = batch["image"].shape[0]
-        step_losses = []
-        for i in range(n):
-            carry, loss = step_fn(carry, jax.tree_util.tree_map(lambda x: x[i], batch))
-            step_losses.append(loss)
-        return carry, jax.numpy.stack(step_losses)
-
-    return fused
-
-
-def make_train_and_eval_steps(config, sde: sde_lib.SDE, model) -> tuple[Callable, Callable]:
-    """The pmapped multi-step train and eval functions of ``config``.
-
-    ``p_train_step((keys, pstate), batch) -> ((keys, pstate), losses)`` runs
-    ``n = batch['image'].shape[1]`` training steps per device fused into one call (see
-    :func:`fuse_steps`; ``batch['image']``: ``(local_devices, n, per_device_batch, H, W, C)``);
-    ``losses`` is ``(local_devices, n)``. The input state is donated (do not reuse it).
-    ``p_eval_step`` has the same signature, scores ``params_ema`` and changes nothing.
-    """
-    # importance_weighting / smallest_time: score_flow's fields (configs/score_flow); absent from the original's.
-    kwargs = dict(reduce_mean=config.training.reduce_mean, continuous=config.training.continuous,
-                  likelihood_weighting=config.training.likelihood_weighting,
-                  importance_weighting=config.training.get("importance_weighting", False),
-                  smallest_time=config.training.get("smallest_time", 1e-5))
-    train_step = losses.get_step_fn(sde, model, train=True, optimize_fn=losses.optimization_manager(config), **kwargs)
-    eval_step = losses.get_step_fn(sde, model, train=False, **kwargs)
-    p_train_step = parallel.pmap(fuse_steps(train_step), donate_argnums=(0,))
-    p_eval_step = parallel.pmap(fuse_steps(eval_step))
-    return p_train_step, p_eval_step
-
-
-def _all_finite(tree: Any) -> bool:
-    return all(bool(np.all(np.isfinite(np.asarray(x)))) for x in jax.tree_util.tree_leaves(tree)
-               if np.issubdtype(np.asarray(x).dtype, np.floating))
-
-
-def _checkpoint_state(pstate, rng) -> Any:
-    """The first replica of ``pstate`` on the host, carrying the host loop's ``rng`` (as the original)."""
-    return parallel.unreplicate_to_host(pstate).replace(rng=jax.device_get(rng))
-
-
-def _resume_candidates(checkpoint_meta_dir: str, checkpoint_dir: str) -> list[str]:
-    """Every checkpoint of the two folders, the one to resume from first.
-
-    Newest training step first (the step in each file's footer); at equal steps the meta
-    checkpoint first. Files without a footer (the original code's, or an older version's) come
-    after those with one, meta before numbered and the highest number first, as before.
-    """
-    found = []
-    for is_meta, folder in ((1, checkpoint_meta_dir), (0, checkpoint_dir)):
-        for number, path in checkpoints.numbered_checkpoints(folder):
-            step = checkpoints.checkpoint_step(path)
-            found.append(((step is not None, -1 if step is None else step, is_meta, number), path))
-    return [path for _, path in sorted(found, reverse=True)]
-
-
-def _restore_newest(template, checkpoint_meta_dir: str, checkpoint_dir: str):
-    """``template`` restored from the newest readable checkpoint of the two folders (``template`` if none).
-
-    A corrupt file is skipped with a warning naming it (e.g. a damaged meta checkpoint falls back
-    to the numbered checkpoint of the same step); if every checkpoint is corrupt, the first error.
-    """
-    first_error = None
-    for path in _resume_candidates(checkpoint_meta_dir, checkpoint_dir):
-        try:
-            state = checkpoints.restore_checkpoint(path, template)
-        except checkpoints.CorruptCheckpointError as err:
-            if parallel.is_main_process():
-                logging.warning("%s Trying the next newest checkpoint.", err)
-            first_error = first_error or err
-            continue
-        if first_error is not None and parallel.is_main_process():
-            logging.warning("Resuming from %s (step %d) instead.", path, int(state.step))
-        return state
-    if first_error is not None:
-        raise first_error
-    return template
-
-
-def _use_config_rates(state, config):
-    """``state`` with ``config.optim.lr`` and ``config.model.ema_rate``: the command line wins over a checkpoint.
-
-    The original kept both in the state, so a restart silently went on with the checkpoint's values
-    whatever the config said; here each value that changes is logged.
-    """
-    for field, name, value in (("optim.lr", "lr", config.optim.lr), ("model.ema_rate", "ema_rate",
-                                                                     config.model.ema_rate)):
-        old = float(np.asarray(getattr(state, name)))
-        # Compared as stored: a checkpoint holds them in float32.
-        if np.float32(old) != np.float32(value) and parallel.is_main_process():
-            logging.info("config.%s = %g replaces the checkpoint's %g from step %d on.", field, value, old,
-                         int(state.step))
-    return state.replace(lr=config.optim.lr, ema_rate=config.model.ema_rate)
-
-
-def _diverged(step: int, what: str, config, checkpoint_meta_dir: str, checkpoint_dir: str) -> TrainingDivergedError:
-    candidates = _resume_candidates(checkpoint_meta_dir, checkpoint_dir)
-    kept = f"the last good checkpoint is kept at {candidates[0]}" if candidates else "no checkpoint had been written yet"
-    return TrainingDivergedError(
-        f"Training diverged: {what} is NaN or infinite after step {step}; stopped without saving it, {kept}. "
-        f"Run the same command again with a lower learning rate, e.g. --config.optim.lr={config.optim.lr / 2:g} "
-        "(on a restart the config's optim.lr and model.ema_rate replace the checkpoint's); also keep "
-        "config.optim.grad_clip >= 0 and check the data scaling (config.data.centered).")
+# The jobs, and the names of their machinery that main.py, tests, benchmarks and notebooks import from here (each
+# lives in its module under score_sde/).
+__all__ = [
+    "train", "train_deq", "evaluate", "fid_stats", "sample", "tables", "write_samples",
+    "CONFIG_HISTORY", "WorkdirConfigError", "check_workdir_config", "save_config",
+    "TrainingDivergedError", "device_keys", "fuse_steps", "make_train_and_eval_steps", "numpy_batches",
+    "CHECKPOINT_POLL_S", "HOST_FILES_POLL_S", "EvaluationError", "eval_state_template", "SamplingError",
+]
 
 
 def write_samples(samples: np.ndarray, sample_dir: str, step: int) -> str:
@@ -295,9 +89,9 @@ def train(config, workdir: str):
     (:func:`check_workdir_config`: a refused change stops here, nothing written); then the log
     file is opened, the data are loaded (a missing data set stops before the model is built), the
     model is initialised and the newest readable checkpoint of ``checkpoints-meta/`` and
-    ``checkpoints/`` restored (by step, see :func:`_resume_candidates`), ``config.optim.lr`` and
-    ``config.model.ema_rate`` replace the checkpoint's, and the config is recorded
-    (:func:`save_config`).
+    ``checkpoints/`` restored (by step, see :func:`~score_sde.train_checkpoints.resume_candidates`),
+    ``config.optim.lr`` and ``config.model.ema_rate`` replace the checkpoint's, and the config is
+    recorded (:func:`save_config`).
 
     Every ``training.n_jitted_steps`` steps run as one pmapped call (:func:`fuse_steps`). After a
     call that ends at step ``s``: the loss is logged when ``s % log_freq == 0``; a meta
@@ -321,7 +115,7 @@ def train(config, workdir: str):
     tb_dir = os.path.join(workdir, "tensorboard")
     checkpoint_dir = os.path.join(workdir, "checkpoints")
     checkpoint_meta_dir = os.path.join(workdir, "checkpoints-meta")
-    changes = check_workdir_config(config, workdir, bool(_resume_candidates(checkpoint_meta_dir, checkpoint_dir)))
+    changes = check_workdir_config(config, workdir, bool(resume_candidates(checkpoint_meta_dir, checkpoint_dir)))
     for d in (workdir, sample_dir, tb_dir, checkpoint_dir, checkpoint_meta_dir):
         os.makedirs(d, exist_ok=True)
     log_handler = reporting.add_log_file(os.path.join(workdir, "stdout.txt")) if parallel.is_main_process() else None
@@ -357,7 +151,7 @@ def _train(config, workdir, changes, sample_dir, tb_dir, checkpoint_dir, checkpo
     # Model, optimizer and state; resume from the newest checkpoint, meta or numbered (a workdir
     # of the original code's released runs has numbered ones only).
     model, state = losses.init_train_state(jax.random.PRNGKey(config.seed), config)
-    state = _use_config_rates(_restore_newest(state, checkpoint_meta_dir, checkpoint_dir), config)
+    state = use_config_rates(restore_newest(state, checkpoint_meta_dir, checkpoint_dir), config)
     initial_step = int(state.step)
     rng = state.rng
     save_config(config, workdir, initial_step, changes)
@@ -394,7 +188,7 @@ def _train(config, workdir, changes, sample_dir, tb_dir, checkpoint_dir, checkpo
         step += n_jitted
         ploss = np.asarray(ploss)
         if not np.all(np.isfinite(ploss)):
-            raise _diverged(step, "the training loss", config, checkpoint_meta_dir, checkpoint_dir)
+            raise divergence_error(step, "the training loss", config, checkpoint_meta_dir, checkpoint_dir)
         loss = float(ploss.mean())
         progress.update(step)
 
@@ -406,9 +200,9 @@ def _train(config, workdir, changes, sample_dir, tb_dir, checkpoint_dir, checkpo
         at_end = step >= num_train_steps
         preemption_freq = config.training.snapshot_freq_for_preemption
         if (step % preemption_freq == 0 or at_end) and is_main:
-            saved = _checkpoint_state(pstate, rng)
-            if not _all_finite(saved.params):
-                raise _diverged(step, "a parameter", config, checkpoint_meta_dir, checkpoint_dir)
+            saved = checkpoint_state(pstate, rng)
+            if not all_finite(saved.params):
+                raise divergence_error(step, "a parameter", config, checkpoint_meta_dir, checkpoint_dir)
             # At the end too, so that restarting a finished run does not train again.
             number = checkpoints.number_for_step(checkpoint_meta_dir, step, preemption_freq)
             checkpoints.save_checkpoint(checkpoint_meta_dir, saved, step=number, keep=1)
@@ -423,9 +217,9 @@ def _train(config, workdir, changes, sample_dir, tb_dir, checkpoint_dir, checkpo
 
         if step % config.training.snapshot_freq == 0 or at_end:
             if is_main:
-                saved = _checkpoint_state(pstate, rng)
-                if not _all_finite(saved.params):
-                    raise _diverged(step, "a parameter", config, checkpoint_meta_dir, checkpoint_dir)
+                saved = checkpoint_state(pstate, rng)
+                if not all_finite(saved.params):
+                    raise divergence_error(step, "a parameter", config, checkpoint_meta_dir, checkpoint_dir)
                 # ceil(step / snapshot_freq), the end step getting its own file; above the existing
                 # numbers if snapshot_freq changed since they were written.
                 number = checkpoints.number_for_step(checkpoint_dir, step, config.training.snapshot_freq)

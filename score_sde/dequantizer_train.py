@@ -30,7 +30,7 @@ import run_lib
 import sde_lib
 from models import utils as mutils
 from models.flowpp import dequantizer as flowpp
-from score_sde import checkpoints, datasets, parallel, reporting
+from score_sde import checkpoints, datasets, parallel, reporting, train_checkpoints, train_steps, workdir_config
 
 # score_flow's --deq_folder default.
 DEQ_FOLDER = "flowpp_dequantizer"
@@ -99,7 +99,7 @@ def get_dequantized_bpd_fn(config, sde: sde_lib.SDE, score_model, deq_model: flo
 def _make_steps(config, sde, score_model, deq_model) -> tuple[Callable, Callable]:
     """Pmapped ``p_step((keys, deq_pstate), score_pstate, batch) -> ((keys, deq_pstate), (devices, n, 2))``.
 
-    ``batch['image']`` (devices, n, B, H, W, C) in [0, 1]; ``n`` steps fused (``run_lib.fuse_steps``); each
+    ``batch['image']`` (devices, n, B, H, W, C) in [0, 1]; ``n`` steps fused (``train_steps.fuse_steps``); each
     returns ``(loss, bpd)``, the loss being the bits/dim in nats per image (the scale score_flow optimises,
     which its gradient clipping acts on). The train step updates ``params`` and their EMA (rate
     ``config.deq.ema_rate``); the eval step scores ``params_ema`` and changes nothing.
@@ -134,7 +134,7 @@ def _make_steps(config, sde, score_model, deq_model) -> tuple[Callable, Callable
         return step_fn
 
     def p_step(train):
-        return lambda carry, score_state, batch: run_lib.fuse_steps(make_step(score_state, train))(carry, batch)
+        return lambda carry, score_state, batch: train_steps.fuse_steps(make_step(score_state, train))(carry, batch)
 
     return (parallel.pmap(p_step(True), donate_argnums=(0,)), parallel.pmap(p_step(False)))
 
@@ -168,7 +168,8 @@ def train_deq(config, workdir: str) -> mutils.State:
 
     Raises:
         DequantizerError: no deq section in the config, or no score checkpoint in ``workdir``.
-        run_lib.TrainingDivergedError: the loss or the parameters became NaN/inf (nothing of that state saved).
+        train_checkpoints.TrainingDivergedError: the loss or the parameters became NaN/inf (nothing of that state
+            saved).
     """
     _check_config(config)
     deq_dir = os.path.join(workdir, DEQ_FOLDER)
@@ -177,7 +178,7 @@ def train_deq(config, workdir: str) -> mutils.State:
     # As --mode train: a dequantiser is resumed only with the config it was trained with (safe fields aside).
     has_checkpoints = any(checkpoints.latest_checkpoint(d) for d in (checkpoint_dir, checkpoint_meta_dir)
                           if os.path.isdir(d))
-    config_changes = run_lib.check_workdir_config(config, deq_dir, has_checkpoints)
+    config_changes = workdir_config.check_workdir_config(config, deq_dir, has_checkpoints)
     sde, score_model, score_state, score_path = _load_score_model(config, workdir)
     for d in (checkpoint_dir, checkpoint_meta_dir):
         os.makedirs(d, exist_ok=True)
@@ -185,17 +186,17 @@ def train_deq(config, workdir: str) -> mutils.State:
     n_jitted = config.training.n_jitted_steps
     train_ds, eval_ds, _ = datasets.get_dataset(config, additional_dim=n_jitted, uniform_dequantization=False)
     # Images stay in [0, 1]: the dequantiser reads them there, the loss scales them after adding the noise.
-    train_iter = run_lib.numpy_batches(train_ds, lambda x: x)
-    eval_iter = run_lib.numpy_batches(eval_ds, lambda x: x)
+    train_iter = train_steps.numpy_batches(train_ds, lambda x: x)
+    eval_iter = train_steps.numpy_batches(eval_ds, lambda x: x)
 
     # Data-dependent initialisation on the first batch, as score_flow (also the template to resume into).
     deq_model = flowpp.create_dequantizer(config)
     rng, init_rng = jax.random.split(jax.random.PRNGKey(config.seed))
     params = flowpp.init_dequantizer(init_rng, deq_model, next(train_iter)["image"][:, 0])["params"]
-    state = run_lib._restore_newest(_state(config, params, rng), checkpoint_meta_dir, checkpoint_dir)
+    state = train_checkpoints.restore_newest(_state(config, params, rng), checkpoint_meta_dir, checkpoint_dir)
     state = state.replace(lr=config.optim.lr, ema_rate=config.deq.ema_rate)
     step, rng = int(state.step), state.rng
-    run_lib.save_config(config, deq_dir, step, config_changes)
+    workdir_config.save_config(config, deq_dir, step, config_changes)
     p_train_step, p_eval_step = _make_steps(config, sde, score_model, deq_model)
     pstate, score_pstate = parallel.replicate(state), parallel.replicate(score_state)
     del state
@@ -206,12 +207,13 @@ def train_deq(config, workdir: str) -> mutils.State:
     rng = parallel.fold_in_process(rng)
     progress = reporting.Progress(step, num_steps)
     while step < num_steps:
-        rng, keys = run_lib.device_keys(rng)
+        rng, keys = train_steps.device_keys(rng)
         (_, pstate), metrics = p_train_step((keys, pstate), score_pstate, next(train_iter))
         step += n_jitted
         metrics = np.asarray(metrics)
         if not np.all(np.isfinite(metrics)):
-            raise run_lib._diverged(step, "the dequantiser's loss", config, checkpoint_meta_dir, checkpoint_dir)
+            raise train_checkpoints.divergence_error(step, "the dequantiser's loss", config, checkpoint_meta_dir,
+                                                     checkpoint_dir)
         progress.update(step)
         loss, bpd = metrics.reshape(-1, 2).mean(axis=0)
         if step % config.training.log_freq == 0:
@@ -222,14 +224,14 @@ def train_deq(config, workdir: str) -> mutils.State:
         for folder, freq, keep in ((checkpoint_meta_dir, config.training.snapshot_freq_for_preemption, 1),
                                    (checkpoint_dir, config.training.snapshot_freq, np.inf)):
             if (step % freq == 0 or at_end) and is_main:
-                saved = run_lib._checkpoint_state(pstate, rng)
-                if not run_lib._all_finite(saved.params):
-                    raise run_lib._diverged(step, "a dequantiser parameter", config, checkpoint_meta_dir,
-                                            checkpoint_dir)
+                saved = train_checkpoints.checkpoint_state(pstate, rng)
+                if not train_checkpoints.all_finite(saved.params):
+                    raise train_checkpoints.divergence_error(step, "a dequantiser parameter", config,
+                                                             checkpoint_meta_dir, checkpoint_dir)
                 checkpoints.save_checkpoint(folder, saved, step=checkpoints.number_for_step(folder, step, freq),
                                             keep=keep)
         if step % config.training.eval_freq == 0:
-            rng, keys = run_lib.device_keys(rng)
+            rng, keys = train_steps.device_keys(rng)
             _, eval_metrics = p_eval_step((keys, pstate), score_pstate, next(eval_iter))
             eval_bpd = float(np.asarray(eval_metrics).reshape(-1, 2)[:, 1].mean())
             if is_main:

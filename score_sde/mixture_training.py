@@ -1,6 +1,6 @@
 """Train the ``mlp`` score model on a Gaussian mixture through ``run_lib``'s train step.
 
-:func:`train` runs ``run_lib.make_train_and_eval_steps`` (the same losses, optimizer, EMA and fused
+:func:`train` runs ``score_sde.train_steps.make_train_and_eval_steps`` (the same losses, optimizer, EMA and fused
 steps as image training) on fresh draws of ``score_sde.mixtures.make_mixture(config.data.dim)``
 each step (the mixture is known, so there is no finite training set to overfit), and returns
 the EMA parameters. :func:`score_fn` turns them into a score on flat ``(n, d)`` points for the
@@ -15,10 +15,9 @@ import jax.numpy as jnp
 import numpy as np
 
 import losses
-import run_lib
 import sde_lib
 from models import utils as mutils
-from score_sde import mixtures, parallel
+from score_sde import mixtures, parallel, train_steps
 
 
 def train(config, steps: int, rng: jax.Array) -> tuple[object, dict, list[float]]:
@@ -39,7 +38,7 @@ def train(config, steps: int, rng: jax.Array) -> tuple[object, dict, list[float]
     sde, _ = sde_lib.get_sde(config)
     init_rng, data_rng, step_rng = jax.random.split(rng, 3)
     model, state = losses.init_train_state(init_rng, config)
-    p_train_step, _ = run_lib.make_train_and_eval_steps(config, sde, model)
+    p_train_step, _ = train_steps.make_train_and_eval_steps(config, sde, model)
     mixture = mixtures.make_mixture(config.data.dim)
     batch_shape = (parallel.local_device_count(), n_jitted, config.training.batch_size // parallel.local_device_count())
     draw = jax.jit(lambda key: mixture.sample(key, int(np.prod(batch_shape))).reshape(

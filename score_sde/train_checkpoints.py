@@ -1,0 +1,100 @@
+"""What a training loop does around its checkpoints: resume from the newest, save only finite states.
+
+:func:`restore_newest` resumes from the newest readable checkpoint of ``checkpoints-meta/`` and
+``checkpoints/`` (by the step in each file's footer, :func:`resume_candidates`); a state whose loss
+or parameters are NaN / infinite is never saved, the loop stops with :func:`divergence_error`
+instead. Used by ``run_lib.train`` and ``score_sde.dequantizer_train``.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import jax
+import numpy as np
+
+from score_sde import checkpoints, parallel
+
+
+class TrainingDivergedError(FloatingPointError):
+    """The training loss (or the parameters) became NaN or infinite; training stopped."""
+
+
+def all_finite(tree: Any) -> bool:
+    """Whether every floating-point leaf of ``tree`` (any pytree of arrays) holds finite values only."""
+    return all(bool(np.all(np.isfinite(np.asarray(x)))) for x in jax.tree_util.tree_leaves(tree)
+               if np.issubdtype(np.asarray(x).dtype, np.floating))
+
+
+def checkpoint_state(pstate, rng) -> Any:
+    """The first replica of ``pstate`` on the host, carrying the host loop's ``rng`` (as the original)."""
+    return parallel.unreplicate_to_host(pstate).replace(rng=jax.device_get(rng))
+
+
+def resume_candidates(checkpoint_meta_dir: str, checkpoint_dir: str) -> list[str]:
+    """Every checkpoint of the two folders, the one to resume from first.
+
+    Newest training step first (the step in each file's footer); at equal steps the meta
+    checkpoint first. Files without a footer (the original code's, or an older version's) come
+    after those with one, meta before numbered and the highest number first, as before.
+    """
+    found = []
+    for is_meta, folder in ((1, checkpoint_meta_dir), (0, checkpoint_dir)):
+        for number, path in checkpoints.numbered_checkpoints(folder):
+            step = checkpoints.checkpoint_step(path)
+            found.append(((step is not None, -1 if step is None else step, is_meta, number), path))
+    return [path for _, path in sorted(found, reverse=True)]
+
+
+def restore_newest(template, checkpoint_meta_dir: str, checkpoint_dir: str):
+    """``template`` restored from the newest readable checkpoint of the two folders (``template`` if none).
+
+    A corrupt file is skipped with a warning naming it (e.g. a damaged meta checkpoint falls back
+    to the numbered checkpoint of the same step); if every checkpoint is corrupt, the first error.
+    """
+    first_error = None
+    for path in resume_candidates(checkpoint_meta_dir, checkpoint_dir):
+        try:
+            state = checkpoints.restore_checkpoint(path, template)
+        except checkpoints.CorruptCheckpointError as err:
+            if parallel.is_main_process():
+                logging.warning("%s Trying the next newest checkpoint.", err)
+            first_error = first_error or err
+            continue
+        if first_error is not None and parallel.is_main_process():
+            logging.warning("Resuming from %s (step %d) instead.", path, int(state.step))
+        return state
+    if first_error is not None:
+        raise first_error
+    return template
+
+
+def use_config_rates(state, config):
+    """``state`` with ``config.optim.lr`` and ``config.model.ema_rate``: the command line wins over a checkpoint.
+
+    The original kept both in the state, so a restart silently went on with the checkpoint's values
+    whatever the config said; here each value that changes is logged.
+    """
+    for field, name, value in (("optim.lr", "lr", config.optim.lr), ("model.ema_rate", "ema_rate",
+                                                                     config.model.ema_rate)):
+        old = float(np.asarray(getattr(state, name)))
+        # Compared as stored: a checkpoint holds them in float32.
+        if np.float32(old) != np.float32(value) and parallel.is_main_process():
+            logging.info("config.%s = %g replaces the checkpoint's %g from step %d on.", field, value, old,
+                         int(state.step))
+    return state.replace(lr=config.optim.lr, ema_rate=config.model.ema_rate)
+
+
+def divergence_error(step: int, what: str, config, checkpoint_meta_dir: str,
+                     checkpoint_dir: str) -> TrainingDivergedError:
+    """The error to raise when ``what`` (e.g. ``'the training loss'``) is NaN / infinite after ``step``.
+
+    It names the checkpoint a rerun would resume from and what to change (``config.optim.lr``, ...).
+    """
+    candidates = resume_candidates(checkpoint_meta_dir, checkpoint_dir)
+    kept = f"the last good checkpoint is kept at {candidates[0]}" if candidates else "no checkpoint had been written yet"
+    return TrainingDivergedError(
+        f"Training diverged: {what} is NaN or infinite after step {step}; stopped without saving it, {kept}. "
+        f"Run the same command again with a lower learning rate, e.g. --config.optim.lr={config.optim.lr / 2:g} "
+        "(on a restart the config's optim.lr and model.ema_rate replace the checkpoint's); also keep "
+        "config.optim.grad_clip >= 0 and check the data scaling (config.data.centered).")
