@@ -28,6 +28,8 @@ Two more add the learning error of small trained networks (``models/mlp.py``, tr
 * **trained_sampler** — Table 1's grid sampled with the trained (λ = std²) score.
 
 The **paper** table puts the published CIFAR-10 numbers beside ours (:mod:`score_sde.paper_results`).
+The **digits** stage (:mod:`score_sde.tables_digits`) adds Table 2's bits/dim and a digits-FD column on the
+embedded digits, uniformly dequantised, with small models trained by ``run_lib.train``.
 
 Resumable: every finished cell is stored in ``workdir/tables.json`` at once and never computed
 again; a rerun (after a kill) computes only the missing cells. Files written::
