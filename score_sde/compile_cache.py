@@ -49,8 +49,11 @@ def resolve(flag_value: str | None, multi_process_cpu: bool) -> tuple[str | None
 def enable(folder: str | None) -> None:
     """Point JAX's persistent compilation cache at ``folder`` (created), or turn it off for None.
 
-    Must run before the job's first compilation. Programs that take under a second to compile are
-    not stored (``JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS`` overrides that).
+    Must run before the job's first compilation. Every program is stored, however fast it compiled
+    (``JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS`` overrides that): JAX's default of 1 s suits remote
+    caches, but on a local disk loading a small program is faster than compiling it, and a train job's
+    ~16 small programs (keys, SDE tables, casts) were otherwise recompiled on every start
+    (docs/performance.md, "Where a warm start's time goes").
     """
     if folder is None:
         jax.config.update("jax_enable_compilation_cache", False)
@@ -63,7 +66,7 @@ def enable(folder: str | None) -> None:
     jax.config.update("jax_enable_compilation_cache", True)
     jax.config.update("jax_compilation_cache_dir", folder)
     if "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" not in os.environ:
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 
 
 def configure(flag_value: str | None) -> str | None:

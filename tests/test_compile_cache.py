@@ -57,6 +57,16 @@ def test_enable_stores_compiled_programs_in_the_folder_and_none_stores_nothing(t
     assert not (tmp_path / "xdg").exists()
 
 
+def test_programs_that_compile_in_milliseconds_are_stored_too(tmp_path):
+    # JAX's own threshold (1 s) would leave a job's small programs (keys, SDE tables) out of the cache.
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    for name in ("JAX_COMPILATION_CACHE_DIR", "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"):
+        env.pop(name, None)
+    folder = tmp_path / "cache"
+    subprocess.run([sys.executable, "-c", COMPILE_ONE, str(folder)], cwd=ROOT, env=env, check=True, timeout=300)
+    assert [p.name for p in folder.iterdir() if p.name.startswith("jit_")], "the small program was not stored"
+
+
 def test_main_names_an_unusable_cache_folder_in_one_line(tmp_path):
     blocker = tmp_path / "a_file"
     blocker.write_text("")
