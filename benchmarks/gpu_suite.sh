@@ -67,12 +67,13 @@ if [ "$MODE" = smoke ]; then
   declare -A CONFIG=([tiny]=tiny)
   BATCH=4; REPS=2; PC_N=25; TOL=1e-2; FAST=ddim_eta0; TORCH_DEVICE=cpu; TORCH_THREADS=(--threads 1)
   FUSED=2; CAP_SCALE=3  # a loaded CPU compiles slowly
+  ONE_DEVICE=(--devices 1)  # train_step.py's CPU default also times 2 host devices
 else
   SUITE_SECONDS=${SUITE_SECONDS:-480}
   LABELS="benchmark full"
   declare -A CONFIG=([benchmark]=benchmark [full]=vp/cifar10_ddpmpp_continuous)
   BATCH=${BATCH:-128}; REPS=10; PC_N=50; TOL=1e-3; FAST=ddim_eta0,dpm_solver2,heun; TORCH_DEVICE=cuda; TORCH_THREADS=()
-  FUSED=5; CAP_SCALE=1
+  FUSED=5; CAP_SCALE=1; ONE_DEVICE=()
 fi
 START=$SECONDS
 
@@ -132,7 +133,7 @@ for label in $LABELS; do
   # One step per call beside the port's; the benchmark model also with 5 fused (the configs' n_jitted_steps): the
   # full model's 5 fused steps would take minutes to compile.
   part "ours, train step, $label" "$(big "$label" 150 90)" "$PYTHON" benchmarks/train_step.py \
-    --config "${CONFIG[$label]}" --batch "$BATCH" --reps "$REPS" --fused "$(big "$label" 1 "$FUSED")" \
+    --config "${CONFIG[$label]}" --batch "$BATCH" --reps "$REPS" --fused "$(big "$label" 1 "$FUSED")" "${ONE_DEVICE[@]}" \
     --out "$WORK/train_step_$label.json"
 done
 for label in $LABELS; do

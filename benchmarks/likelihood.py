@@ -77,7 +77,7 @@ def main(argv=None) -> None:
     model, params, x = build(config, args.batch, args.perturb)
     data = x * 0.5
     num_params = sum(int(np.prod(p.shape)) for p in jax.tree_util.tree_leaves(params))
-    print(f"config {args.config} | params {num_params:,} | batch {args.batch} of {data.shape[1:]}", flush=True)
+    print(f"config {args.config} | params {num_params:,} | batch {data.shape[0]} of {data.shape[1:]}", flush=True)
 
     # The parameters are an argument of every compiled program, not a constant baked into it.
     def score_of(p):

@@ -114,7 +114,7 @@ def main(argv=None) -> None:
     model, params = common.init_params(config)
     num_params = sum(int(np.prod(p.shape)) for p in jax.tree_util.tree_leaves(params))
     shape = mutils.model_input_shape(config, args.batch // n_dev)  # per device, as the samplers take it
-    print(f"config {args.config} | params {num_params:,} | batch {args.batch} of {shape[1:]}", flush=True)
+    print(f"config {args.config} | params {num_params:,} | batch {shape[0] * n_dev} of {shape[1:]}", flush=True)
     x = jax.random.normal(jax.random.PRNGKey(0), shape)
 
     sde, eps = sde_lib.get_sde(config)

@@ -67,13 +67,14 @@ def run(config_name: str, batch_size: int, reps: int, fused: int) -> dict:
     sde, _ = sde_lib.get_sde(config)
     p_train_step, _ = run_lib.make_train_and_eval_steps(config, sde, model)
     shape = (config.data.image_size, config.data.image_size, config.data.num_channels)
+    per_device = batch_size // n_dev
     rng = np.random.default_rng(0)
-    print(f"devices {n_dev} | params {num_params:,} | global batch {batch_size} | "
+    print(f"devices {n_dev} | params {num_params:,} | global batch {per_device * n_dev} | "
           f"{config.data.image_size}x{config.data.image_size}x{config.data.num_channels}", flush=True)
     result = {"devices": n_dev, "params": num_params, "steps": {}}
 
     for n_steps in sorted({1, fused}):
-        images = rng.uniform(-1, 1, (n_dev, n_steps, batch_size // n_dev) + shape).astype(np.float32)
+        images = rng.uniform(-1, 1, (n_dev, n_steps, per_device) + shape).astype(np.float32)
         batch = {"image": jax.device_put(images)}
         carry = [parallel.split_per_device(jax.random.PRNGKey(1))[1], parallel.replicate(state)]
 

@@ -1,0 +1,75 @@
+"""The timing scripts' options that benchmarks/gpu_suite.sh uses, run on the CPU with the tiny model (no timings
+asserted): the backend line printed first, ``--config`` / ``--batch`` honoured, the ``--out`` JSON fields, and the
+table benchmarks/gpu_summary.py makes of each file. Each test runs one script (the tests stay independent under
+pytest-xdist)."""
+import contextlib
+import io
+import json
+
+import pytest
+
+from benchmarks import common, gpu_summary, likelihood, sampling, train_step
+
+BATCH = 4
+
+
+def run(main, stem: str, folder, *extra: str):
+    """``(printed lines, JSON written, gpu_summary's text of the folder)`` of ``main --config tiny --batch 4``."""
+    path = folder / f"{stem}.json"
+    buffer = io.StringIO()
+    with contextlib.redirect_stdout(buffer):
+        main(["--config", "tiny", "--batch", str(BATCH), "--out", str(path), *extra])
+    data = json.loads(path.read_text())
+    lines = buffer.getvalue().splitlines()
+    assert lines[0].startswith("backend platform=cpu device_kind="), lines[0]
+    assert "devices=1" in lines[0] and "jax=" in lines[0]
+    assert data["backend"]["platform"] == "cpu"
+    assert data["backend"]["device_count"] >= 1 and data["backend"]["device_kind"]
+    assert data["settings"]["config"] == "tiny" and data["settings"]["batch"] == BATCH
+    text = gpu_summary.summary(gpu_summary.load(str(folder)))
+    assert "### tiny: --config tiny, batch 4" in text
+    return lines, data, text
+
+
+def test_configs_by_name():
+    config = common.load_config("tiny")
+    assert (config.model.name, config.data.image_size, config.model.nf) == ("ncsnpp", 8, 8)
+    assert common.load_config("benchmark").model.ch_mult == (1, 2, 2)
+    assert common.load_config("vp/cifar10_ddpmpp_continuous").model.nf == 128  # the full size, unchanged
+    with pytest.raises(ValueError, match="--config"):
+        common.load_config("vp/no_such_config")
+
+
+def test_train_step_cli(tmp_path):
+    lines, data, text = run(train_step.main, "train_step_tiny", tmp_path, "--reps", "1", "--fused", "1",
+                            "--devices", "1")
+    assert data["script"] == "train_step"
+    assert any(f"global batch {BATCH} | 8x8x3" in line for line in lines)
+    step = data["results"]["devices"]["1"]["steps"]["1"]
+    assert 0 < step["min_s_per_step"] <= step["median_s_per_step"]
+    assert f"| train step, s (median, 1 per call) | {step['median_s_per_step']:.4f} | — | — |" in text  # no port
+
+
+def test_sampling_cli(tmp_path):
+    lines, data, text = run(sampling.main, "sampling_tiny", tmp_path, "--reps", "1", "--n", "25", "--skip_ode",
+                            "--skip_fast")
+    assert data["script"] == "sampling"
+    assert any(f"batch {BATCH} of (8, 8, 3)" in line for line in lines)
+    pc = data["results"]["pc_N25"]
+    assert pc["nfe"] == 50 and pc["steps"] == 25
+    assert pc["per_step_s"] == pytest.approx(2 * pc["per_eval_s"])
+    assert pc["ratio_to_score_eval"] == pytest.approx(pc["per_eval_s"] / data["results"]["score_eval"]["wall_s"])
+    assert f"| PC s per evaluation / one score evaluation (goal ≤ 1.05) | {pc['ratio_to_score_eval']:.3f} |" in text
+
+
+def test_likelihood_cli(tmp_path):
+    # scipy: the same loop of likelihood.py as the suite's JAX solver, with the cheaper program to compile.
+    lines, data, text = run(likelihood.main, "likelihood_tiny", tmp_path, "--solvers", "scipy", "--rtol", "1e-2",
+                            "--atol", "1e-2", "--floor_reps", "1")
+    assert data["script"] == "likelihood"
+    assert any(f"batch {BATCH} of (8, 8, 3)" in line for line in lines)
+    solve = data["results"]["scipy_RK45"]
+    assert solve["nfe"] > 0 and solve["per_nfe_s"] == pytest.approx(solve["total_s"] / solve["nfe"])
+    assert solve["ratio_to_floor"] == pytest.approx(solve["per_nfe_s"] / data["results"]["floor_drift_div"]["median_s"])
+    assert solve["bpd_mean"] > 0
+    assert f"| likelihood NFE | {solve['nfe']} |" in text
