@@ -389,8 +389,9 @@ def _claims_section(claim_list: list) -> list[str]:
              "of (worse − better), paired by seed, lies above 0, does not hold when below 0, and is inconclusive "
              "when it contains 0 (the samplers are then closer to each other than this many samples resolve). "
              "The bits/dim claims compare trained models on the same data points: a 95% interval of the paired "
-             "difference over points, widened by both models' solver-tolerance spreads. The digits-FD claims: the larger "
-             "half of a 95% bootstrap interval of the difference (test digits resampled alike for both cells).", ""]
+             "difference over points, widened by both models' solver-tolerance spreads. The digits-FD claims: the "
+             "larger half of a 95% bootstrap interval of the difference (test digits resampled alike for both "
+             "cells).", ""]
     for c in claim_list:
         overall = "; ".join(f"{CLAIM_METRICS.get(m, m)}: **{v}**" + (
             " (" + ", ".join(f"{k} {n}" for k, n in c["tally"][m].items() if n) + ")" if c["tally"].get(m) else "")
