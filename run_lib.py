@@ -21,33 +21,31 @@ and every process writes its own snapshot samples (``iter_<step>_host_<p>.png`` 
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import math
 import os
 import time
-from typing import Any, Callable
 
 import jax
 import numpy as np
 from clu import metric_writers
 
-import bound_likelihood
-import likelihood
 import losses
 import sampling
 import sde_lib
 from models import utils as mutils
-from score_sde import checkpoints, datasets, eval_records, inception, metrics, ode, parallel, reporting
+from score_sde import checkpoints, datasets, eval_checks, eval_job, eval_records, inception, ode, parallel, reporting
 from score_sde import sample_plots
+from score_sde.eval_checks import CHECKPOINT_POLL_S, HOST_FILES_POLL_S, EvaluationError
+from score_sde.eval_job import eval_state_template
 from score_sde.train_checkpoints import (TrainingDivergedError, all_finite, checkpoint_state, divergence_error,
                                          restore_newest, resume_candidates, use_config_rates)
 from score_sde.train_steps import device_keys, fuse_steps, make_train_and_eval_steps, numpy_batches
 from score_sde.workdir_config import CONFIG_HISTORY, WorkdirConfigError, check_workdir_config, save_config
 
 # The jobs, and the names of their machinery that main.py, tests, benchmarks and notebooks import from here (each
-# lives in its module under score_sde/).
+# lives in its module under score_sde/; CHECKPOINT_POLL_S and HOST_FILES_POLL_S are read there: set them there).
 __all__ = [
     "train", "train_deq", "evaluate", "fid_stats", "sample", "tables", "write_samples",
     "CONFIG_HISTORY", "WorkdirConfigError", "check_workdir_config", "save_config",
@@ -244,7 +242,7 @@ def _train(config, workdir, changes, sample_dir, tb_dir, checkpoint_dir, checkpo
 def train_deq(config, workdir: str):
     """score_flow's ``--mode train_deq``: train the Flow++ variational dequantiser against the score model of
     ``workdir`` (see :func:`score_sde.dequantizer_train.train_deq`)."""
-    from score_sde import dequantizer_train  # noqa: PLC0415 (it imports this module)
+    from score_sde import dequantizer_train  # noqa: PLC0415 (only this mode and eval.dequantizer need Flow++)
 
     return dequantizer_train.train_deq(config, workdir)
 
@@ -253,470 +251,17 @@ def train_deq(config, workdir: str):
 # Evaluation (--mode eval) and dataset statistics (--mode fid_stats)
 # ----------------------------------------------------------------------------------------------
 
-# Seconds between looks for a checkpoint that has not arrived yet (the original waited 60 s).
-CHECKPOINT_POLL_S = 60.0
-# Seconds between looks for the files the other processes of a multi-host evaluation write.
-HOST_FILES_POLL_S = 5.0
-# Seconds to wait for them before concluding that a process died (sampling one checkpoint's share takes minutes to
-# an hour on the released configs; a process that has not written its files after this is not coming back).
-HOST_FILES_TIMEOUT_S = 4 * 3600.0
-
-
-class EvaluationError(ValueError):
-    """Evaluation cannot start or go on; the one-line message says why and what to do."""
-
-
-def _one_line(err: BaseException) -> str:
-    return " ".join(str(err).split())
-
-
-def _eval_images(config, split: str) -> np.ndarray:
-    """Every image of the ``'train'`` or ``'test'`` split of ``config.data``, undequantised, in canonical order.
-
-    Read once through ``datasets.get_dataset`` (so every dataset's preprocessing applies) with
-    one image per device: nothing is dropped on one device; with D devices the pipeline's
-    ``drop_remainder`` can leave out up to D - 1 images (run on one device to avoid even that).
-    Returns ``(N, H, W, C)``, uint8 for undequantised unresized data (see ``eval_records.collect_images``).
-    """
-    one_per_device = config.copy_and_resolve_references()
-    one_per_device.eval.batch_size = parallel.device_count()
-    train_ds, eval_ds, _ = datasets.get_dataset(one_per_device, additional_dim=None, uniform_dequantization=False,
-                                                evaluation=True)
-    images = eval_records.collect_images(train_ds if split == "train" else eval_ds)
-    return eval_records.canonical_order(images)
-
-
-def _host_rows(global_batch: np.ndarray, per_device: int) -> np.ndarray:
-    """This host's part of a global batch, shaped ``(local_devices, per_device, ...)``."""
-    local = parallel.local_device_count()
-    start = parallel.process_index() * local * per_device
-    rows = global_batch[start:start + local * per_device]
-    return rows.reshape((local, per_device) + rows.shape[1:])
-
-
-def eval_state_template(config, rng: jax.Array):
-    """``(model, state)``: the model of ``config`` and a zero State with its structure, shapes and dtypes.
-
-    Enough to restore a checkpoint into (ours or the original's); the initialisation is only
-    traced (``jax.eval_shape``), which is much faster than running it. The model computes in float32
-    whatever ``config.model.dtype`` (the training compute dtype): evaluation and sampling stay float32.
-    """
-    shapes = jax.eval_shape(lambda key: losses.init_train_state(key, config)[1], rng)
-    model = mutils.float32_model(mutils.create_model(config))
-    return model, jax.tree_util.tree_map(lambda s: np.zeros(s.shape, s.dtype), shapes)
-
-
-# ---- checks made before anything is computed or written ----------------------------------------
-
-def _check_eval_config(config) -> None:
-    """Reject ``eval.*`` values that would otherwise fail late (the checkpoint range, batch size, bpd split)."""
-    begin, end = config.eval.begin_ckpt, config.eval.end_ckpt
-    if begin > end:
-        raise EvaluationError(f"config.eval.begin_ckpt = {begin} is after config.eval.end_ckpt = {end}: there is "
-                              "no checkpoint to evaluate. Set begin_ckpt <= end_ckpt.")
-    wait_s = _wait_seconds(config)
-    if not wait_s >= 0:
-        raise EvaluationError(f"config.eval.wait_for_checkpoints_s = {wait_s!r}; use 0 (do not wait) or a number "
-                              "of seconds to wait for each checkpoint a running training has still to write.")
-    devices = parallel.device_count()
-    if config.eval.batch_size % devices != 0 or config.eval.batch_size < devices:
-        raise EvaluationError(f"config.eval.batch_size = {config.eval.batch_size} must be a positive multiple of "
-                              f"the number of devices ({devices}).")
-    if config.eval.bpd_dataset.lower() not in ("train", "test"):
-        raise EvaluationError(f"config.eval.bpd_dataset = {config.eval.bpd_dataset!r}; use 'train' or 'test'.")
-    _check_bound_config(config)
-
-
-def _check_bound_config(config) -> None:
-    """The bound's fields (``eval.enable_bound``, ``eval.bound_num_times``), and score_flow's ``eval.bound`` refused."""
-    if config.eval.get("bound", False):
-        # score_flow's switch replaced the ODE bits/dim by the bound; silently ignoring it would report the ODE only.
-        raise EvaluationError("config.eval.bound = True is score_flow's switch and is not read here: set "
-                              "config.eval.enable_bound = True (the bound is reported beside the ODE bits/dim; "
-                              "config.eval.enable_bpd = False skips the ODE) and config.eval.bound = False.")
-    if not config.eval.get("enable_bound", False):
-        return
-    num_times = config.eval.get("bound_num_times", 1000)
-    if not isinstance(num_times, int) or num_times < 1:
-        raise EvaluationError(f"config.eval.bound_num_times = {num_times!r}; use a positive integer (Monte-Carlo "
-                              "times per example for the likelihood bound; score_flow used 1000).")
-
-
-def _wait_seconds(config) -> float:
-    # .get: configs written before the field existed (a workdir's config.json) do not wait.
-    return config.eval.get("wait_for_checkpoints_s", 0)
-
-
-def _checkpoint_path(checkpoint_dir: str, ckpt: int) -> str:
-    return os.path.join(checkpoint_dir, f"{checkpoints.PREFIX}{ckpt}")
-
-
-def _number_ranges(numbers: list[int]) -> str:
-    """Increasing ``[1, 2, 3, 5]`` -> ``'1-3, 5'``."""
-    spans = [[numbers[0], numbers[0]]]
-    for n in numbers[1:]:
-        if n == spans[-1][1] + 1:
-            spans[-1][1] = n
-        else:
-            spans.append([n, n])
-    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in spans)
-
-
-def _check_checkpoints_present(checkpoint_dir: str, first: int, last: int, wait_s: float) -> None:
-    """Fail at once when a checkpoint ``first..last`` is missing and waiting for it is not allowed.
-
-    With ``wait_s > 0`` (``config.eval.wait_for_checkpoints_s``) the missing ones are logged and
-    :func:`_wait_for_checkpoint` waits for each in turn.
-    """
-    missing = [n for n in range(first, last + 1) if not os.path.exists(_checkpoint_path(checkpoint_dir, n))]
-    if not missing:
-        return
-    if wait_s > 0:
-        if parallel.is_main_process():
-            logging.info("Checkpoint(s) %s are not in %s yet; waiting up to %g s for each as it comes "
-                         "(config.eval.wait_for_checkpoints_s).", _number_ranges(missing), checkpoint_dir, wait_s)
-        return
-    if not os.path.isdir(checkpoint_dir):
-        found = "the folder does not exist"
-    else:
-        latest = checkpoints.latest_checkpoint(checkpoint_dir)
-        found = f"the highest there is {os.path.basename(latest)}" if latest else "it holds no checkpoint"
-    raise EvaluationError(
-        f"Checkpoint(s) {_number_ranges(missing)} of config.eval.begin_ckpt..end_ckpt = {first}..{last} are not in "
-        f"{checkpoint_dir} ({found}). Check --workdir and the range; to wait for checkpoints that a running "
-        "`--mode train` will still write, set config.eval.wait_for_checkpoints_s (seconds).")
-
-
-def _check_result_settings(eval_dir: str, settings: dict) -> dict:
-    """Refuse to add results to ``eval_dir`` when they were computed with other settings; returns what to record."""
-    recorded = eval_records.load_settings(eval_dir)
-    differences = eval_records.settings_differences(recorded, settings) if recorded is not None else []
-    if differences:
-        raise EvaluationError(
-            f"{eval_dir} holds results computed with other settings ({'; '.join(differences)}); new rounds would "
-            "be mixed with them. Evaluate into another folder (--eval_folder) or with the settings recorded in "
-            f"{eval_records.settings_path(eval_dir)}.")
-    return eval_records.merged_settings(recorded, settings)
-
-
-# ---- checkpoints --------------------------------------------------------------------------------
-
-def _wait_for_checkpoint(path: str, wait_s: float) -> None:
-    """Return once ``path`` exists, looking every ``CHECKPOINT_POLL_S`` for at most ``wait_s`` seconds."""
-    if os.path.exists(path):
-        return
-    deadline = time.monotonic() + wait_s
-    if parallel.is_main_process():
-        logging.info("Waiting up to %g s for %s, which a running `--mode train` on this workdir would write "
-                     "(config.eval.wait_for_checkpoints_s).", wait_s, path)
-    while not os.path.exists(path):
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            raise EvaluationError(
-                f"{path} did not appear within config.eval.wait_for_checkpoints_s = {wait_s:g} s. Is `--mode train` "
-                "still running on this workdir? Rerun later (the evaluation resumes where it stopped) or wait longer.")
-        time.sleep(min(CHECKPOINT_POLL_S, remaining))
-
-
-def _wait_and_restore(checkpoint_dir: str, ckpt: int, template, wait_s: float = 0.0):
-    """Restore ``checkpoint_<ckpt>`` into ``template``, first waiting up to ``wait_s`` seconds for it to appear.
-
-    A checkpoint that cannot be read is not retried: checkpoints are written atomically, so a
-    file under its final name is complete and a read error will not go away by itself (and an
-    interrupted evaluation resumes where it stopped).
-
-    Raises:
-        EvaluationError: the file did not appear in time, or cannot be read (corrupt, truncated,
-            unreadable, or of another model); the message names the file.
-    """
-    path = _checkpoint_path(checkpoint_dir, ckpt)
-    _wait_for_checkpoint(path, wait_s)
-    try:
-        return checkpoints.restore_checkpoint(path, template)
-    except (ValueError, OSError) as err:  # checkpoints.CorruptCheckpointError is a ValueError
-        raise EvaluationError(f"Cannot evaluate {path}: {_one_line(err)}") from err
-
-
-def _wait_for_host_files(paths: list[str], what: str) -> None:
-    """Return once every file of ``paths`` exists (written by other processes of this evaluation)."""
-    if all(os.path.exists(p) for p in paths):
-        return
-    logging.info("Waiting for %s from the other processes of this evaluation.", what)
-    deadline = time.monotonic() + HOST_FILES_TIMEOUT_S
-    while not all(os.path.exists(p) for p in paths):
-        if time.monotonic() > deadline:
-            missing = [p for p in paths if not os.path.exists(p)]
-            raise EvaluationError(
-                f"Waited {HOST_FILES_TIMEOUT_S:.0f} s for {what} and {len(missing)} file(s) never appeared (first: "
-                f"{missing[0]}): did that process die? Restart every process of the evaluation; finished parts "
-                "are kept and are not recomputed.")
-        time.sleep(HOST_FILES_POLL_S)
-
-
-# ---- the job ------------------------------------------------------------------------------------
-
-@dataclasses.dataclass
-class _EvalJob:
-    """What :func:`evaluate` computes for every checkpoint, prepared once.
-
-    A part that is off (``eval.enable_*``) has its functions set to None.
-    """
-
-    config: Any
-    eval_dir: str
-    checkpoint_dir: str
-    template: Any
-    global_batch: int
-    per_device: int
-    scaler: Callable
-    # eval loss
-    p_eval_step: Callable | None = None
-    loss_images: np.ndarray | None = None
-    # bits/dim
-    likelihood_fn: Callable | None = None
-    bpd_dataset: str = "test"
-    bpd_images: np.ndarray | None = None
-    bpd_batches_per_repeat: int = 0
-    num_bpd_rounds: int = 0
-    # the likelihood bound, on the bits/dim batches
-    bound_fn: Callable | None = None
-    # eval.dequantizer: (keys, images in [0, 1]) -> (model inputs, bits/dim of log q(u | x)); None: uniform noise
-    dequantizer: Callable | None = None
-    # samples and IS / FID / KID
-    sampling_fn: Callable | None = None
-    num_sampling_rounds: int = 0
-    extractor: Any = None
-    stats_path: str | None = None
-    data_stats: dict | None = None
-    names: dict | None = None
-
-    @property
-    def host(self) -> int:
-        return parallel.process_index()
-
-    def save_meta(self, meta: eval_records.EvalMeta, **changes) -> eval_records.EvalMeta:
-        return eval_records.update_eval_meta(self.eval_dir, self.host, meta, **changes)
-
-
-def _images_for_batches(config, split: str, global_batch: int) -> np.ndarray:
-    images = _eval_images(config, split)
-    if len(images) < global_batch:
-        raise EvaluationError(f"The {split} split has {len(images)} images, fewer than one batch "
-                              f"(config.eval.batch_size = {global_batch}).")
-    return images
-
-
-def _build_job(config, eval_dir: str, checkpoint_dir: str, model_rng: jax.Array, sample_metrics: dict | None):
-    """Models, data and compiled functions of the parts ``config.eval.enable_*`` asks for."""
-    score_model, template = eval_state_template(config, model_rng)
-    sde, sampling_eps = sde_lib.get_sde(config)
-    inverse_scaler = datasets.get_data_inverse_scaler(config)
-    global_batch = config.eval.batch_size
-    job = _EvalJob(config=config, eval_dir=eval_dir, checkpoint_dir=checkpoint_dir, template=template,
-                   global_batch=global_batch, per_device=global_batch // parallel.device_count(),
-                   scaler=datasets.get_data_scaler(config), bpd_dataset=config.eval.bpd_dataset.lower())
-    if config.eval.enable_loss:
-        job.p_eval_step = make_train_and_eval_steps(config, sde, score_model)[1]
-        job.loss_images = _images_for_batches(config, "test", global_batch)
-    if config.eval.enable_bpd:
-        # The ODE solver and tolerances of config.sampling, as the samplers use them (ode.DEFAULT_SOLVER).
-        job.likelihood_fn = likelihood.get_likelihood_fn(
-            sde, score_model, inverse_scaler, rtol=config.sampling.get("ode_rtol", 1e-5),
-            atol=config.sampling.get("ode_atol", 1e-5), solver=config.sampling.get("ode_solver", ode.DEFAULT_SOLVER))
-    if config.eval.get("enable_bound", False):
-        job.bound_fn = _bound_fn(config, sde, score_model, inverse_scaler)
-    if job.likelihood_fn is not None or job.bound_fn is not None:
-        if config.eval.get("dequantizer", False):
-            from score_sde import dequantizer_train  # noqa: PLC0415 (it imports this module)
-
-            job.dequantizer = dequantizer_train.load_eval_dequantizer(config, os.path.dirname(checkpoint_dir))
-        job.bpd_images = _images_for_batches(config, job.bpd_dataset, global_batch)
-        job.bpd_batches_per_repeat = len(job.bpd_images) // global_batch
-        # The test split is gone over 5 times with fresh dequantisation noise, as the original.
-        job.num_bpd_rounds = job.bpd_batches_per_repeat * (5 if job.bpd_dataset == "test" else 1)
-    if config.eval.enable_sampling:
-        sampling_shape = (global_batch // parallel.local_device_count(), config.data.image_size,
-                          config.data.image_size, config.data.num_channels)
-        job.sampling_fn = sampling.get_sampling_fn(config, sde, score_model, sampling_shape, inverse_scaler,
-                                                   sampling_eps)
-        job.num_sampling_rounds = -(-config.eval.num_samples // global_batch)
-        job = dataclasses.replace(job, **sample_metrics)
-    return job
-
-
-def _bound_fn(config, sde, score_model, inverse_scaler) -> Callable:
-    """score_flow's evaluation bound: importance-sampled time on VP / sub-VP (uniform on VE, which has none)."""
-    return bound_likelihood.get_likelihood_bound_fn(
-        sde, score_model, inverse_scaler, dsm=config.eval.get("dsm", True),
-        eps=config.training.get("smallest_time", 1e-5), N=config.eval.get("bound_num_times", 1000),
-        importance_weighting=hasattr(sde, "sample_importance_weighted_time_for_likelihood"),
-        eps_offset=config.eval.get("offset", True))
-
-
-def _load_sample_metric_inputs(config, feature_extractor) -> dict:
-    """The feature network, the dataset statistics and the metric names (fails before any long work)."""
-    extractor = feature_extractor or inception.load_feature_extractor(config)
-    stats_path = eval_records.dataset_stats_path(config)
-    data_stats = eval_records.load_dataset_stats(stats_path)
-    names = inception.metric_names(extractor.is_inception, int(np.shape(data_stats["pool_3"])[1]))
-    return {"extractor": extractor, "stats_path": stats_path, "data_stats": data_stats, "names": names}
-
-
-def _meta_key(meta: eval_records.EvalMeta) -> jax.Array:
-    return jax.numpy.asarray(np.asarray(meta.rng, np.uint32))
-
-
-def _eval_loss(job: _EvalJob, ckpt: int, pstate, meta):
-    """The loss of every full batch of the (canonically ordered) test split -> ``ckpt_<n>_loss.npz``."""
-    config, rng = job.config, _meta_key(meta)
-    all_losses = []
-    for i in range(len(job.loss_images) // job.global_batch):
-        batch = job.loss_images[i * job.global_batch:(i + 1) * job.global_batch]
-        if config.data.uniform_dequantization:
-            batch = eval_records.dequantize(batch, (config.seed, 0, i))
-        else:
-            batch = eval_records.to_unit_float(batch)
-        batch = _host_rows(job.scaler(batch), job.per_device)[:, None]
-        rng, keys = device_keys(rng)
-        _, p_eval_loss = job.p_eval_step((keys, pstate), {"image": batch})
-        all_losses.extend(parallel.unreplicate_to_host(p_eval_loss).reshape(-1))
-    all_losses = np.asarray(all_losses)
-    if parallel.is_main_process():
-        eval_records.write_npz(os.path.join(job.eval_dir, f"ckpt_{ckpt}_loss.npz"), all_losses=all_losses,
-                               mean_loss=all_losses.mean())
-    logging.info("ckpt: %d, eval loss: %.6e", ckpt, all_losses.mean())
-    return job.save_meta(meta, loss_done=True, rng=eval_records.key_to_list(rng))
-
-
-def _bpd_batch(job: _EvalJob, bpd_round: int) -> np.ndarray:
-    """The dequantised, scaled images of bits/dim round ``bpd_round``: ``(local_devices, per_device, H, W, C)``.
-
-    Repeat ``r`` of the split goes through it in the order of a permutation seeded by
-    ``(seed, r)``, with dequantisation noise seeded by ``(seed, 1, r, batch)``.
-    """
-    seed = job.config.seed
-    repeat, batch_id = divmod(bpd_round, job.bpd_batches_per_repeat)
-    batch = eval_records.dequantize(_bpd_images(job, bpd_round), (seed, 1, repeat, batch_id))
-    return _host_rows(job.scaler(batch), job.per_device)
-
-
-def _bpd_images(job: _EvalJob, bpd_round: int) -> np.ndarray:
-    """The undequantised images of bits/dim round ``bpd_round`` (all hosts'), in the order of :func:`_bpd_batch`."""
-    repeat, batch_id = divmod(bpd_round, job.bpd_batches_per_repeat)
-    order = np.random.default_rng([job.config.seed, repeat]).permutation(len(job.bpd_images))
-    return job.bpd_images[order[batch_id * job.global_batch:(batch_id + 1) * job.global_batch]]
-
-
-def _bpd_data(job: _EvalJob, bpd_round: int, keys: jax.Array) -> tuple[Any, Any]:
-    """``(data, extra_bpd)``: the model inputs of round ``bpd_round`` and the bits/dim their dequantisation adds.
-
-    Uniform noise adds 0; under ``eval.dequantizer`` the noise ``u ~ q(u | x)`` of the trained Flow++
-    dequantiser (drawn from ``keys``) adds ``log2 q(u | x) / D`` per example, (local_devices · per_device,).
-    """
-    if job.dequantizer is None:
-        return _bpd_batch(job, bpd_round), 0.0
-    images = eval_records.to_unit_float(_bpd_images(job, bpd_round))
-    return job.dequantizer(keys, _host_rows(images, job.per_device))
-
-
-def _eval_bpd_rounds(job: _EvalJob, ckpt: int, pstate, meta, kind: str):
-    """The rounds not done yet of ``kind``: ``'bpd'`` (the ODE bits/dim, ``job.likelihood_fn``) or ``'bound'`` (the
-    likelihood bound, ``job.bound_fn``), on the bits/dim batches, one file each:
-    ``<bpd_dataset>_ckpt_<n>_<kind>_<round>.npz``. Progress is ``meta.<kind>_rounds_done``."""
-    value_fn = {"bpd": job.likelihood_fn, "bound": job.bound_fn}[kind]
-    done_field = f"{kind}_rounds_done"
-    suffix = "" if parallel.process_count() == 1 else f"_host_{job.host}"
-    for bpd_round in range(getattr(meta, done_field), job.num_bpd_rounds):
-        rng, keys = device_keys(_meta_key(meta))
-        data, extra_bpd = _bpd_data(job, bpd_round, keys)
-        values = np.asarray(value_fn(keys, pstate, data)[0]).reshape(-1) + extra_bpd
-        eval_records.write_npz(
-            os.path.join(job.eval_dir, f"{job.bpd_dataset}_ckpt_{ckpt}_{kind}_{bpd_round}{suffix}.npz"), values)
-        repeat, batch_id = divmod(bpd_round, job.bpd_batches_per_repeat)
-        logging.info("ckpt: %d, repeat: %d, batch: %d, mean %s bpd: %.6f", ckpt, repeat, batch_id,
-                     "ODE" if kind == "bpd" else kind, values.mean())
-        meta = job.save_meta(meta, **{done_field: bpd_round + 1}, rng=eval_records.key_to_list(rng))
-    return meta
-
-
-def _sampling_rounds(job: _EvalJob, ckpt: int, pstate, meta):
-    """The sampling rounds not done yet: ``ckpt_<n>_host_<h>/samples_<r>.npz`` and ``statistics_<r>.npz``."""
-    config = job.config
-    sample_dir = os.path.join(job.eval_dir, f"ckpt_{ckpt}_host_{job.host}")
-    os.makedirs(sample_dir, exist_ok=True)
-    for r in range(meta.sampling_rounds_done, job.num_sampling_rounds):
-        logging.info("sampling -- ckpt: %d, round: %d of %d", ckpt, r + 1, job.num_sampling_rounds)
-        rng, keys = device_keys(_meta_key(meta))
-        samples, _ = job.sampling_fn(keys, pstate)
-        samples = np.clip(np.asarray(samples) * 255.0, 0, 255).astype(np.uint8)
-        samples = samples.reshape((-1, config.data.image_size, config.data.image_size, config.data.num_channels))
-        eval_records.write_npz(os.path.join(sample_dir, f"samples_{r}.npz"), samples=samples)
-        latents = inception.run_inception(samples, job.extractor)
-        stats = {"pool_3": latents["pool_3"]}
-        if latents["logits"] is not None:
-            stats["logits"] = latents["logits"]
-        eval_records.write_npz(os.path.join(sample_dir, f"statistics_{r}.npz"), **stats)
-        meta = job.save_meta(meta, sampling_rounds_done=r + 1, rng=eval_records.key_to_list(rng))
-    return meta
-
-
-def _sample_metrics(job: _EvalJob, ckpt: int) -> None:
-    """IS / FID / KID of the first ``eval.num_samples`` samples of all hosts -> ``report_<n>.npz`` (process 0)."""
-    num_samples = job.config.eval.num_samples
-    pools, logits = [], []
-    for h in range(parallel.process_count()):
-        host_dir = os.path.join(job.eval_dir, f"ckpt_{ckpt}_host_{h}")
-        files = [os.path.join(host_dir, f"statistics_{r}.npz") for r in range(job.num_sampling_rounds)]
-        _wait_for_host_files(files, f"the sample statistics of host {h}")
-        for f in files:
-            stat = eval_records.read_npz(f)
-            pools.append(stat["pool_3"])
-            if "logits" in stat:
-                logits.append(stat["logits"])
-    all_pools = np.concatenate(pools)[:num_samples]
-    all_logits = np.concatenate(logits)[:num_samples] if logits else None
-    eval_records.check_stats_extractor(job.data_stats, job.extractor, job.stats_path, all_pools.shape[1])
-    scores = metrics.compute_metrics(all_pools, all_logits, job.data_stats["pool_3"])
-    inception_score = scores["IS"] if all_logits is not None else -1.0
-    names = job.names
-    logging.info("ckpt-%d --- %s: %.6e, %s: %.6e, %s: %.6e", ckpt, names["IS"], inception_score,
-                 names["fid"], scores["fid"], names["kid"], scores["kid"])
-    eval_records.write_npz(os.path.join(job.eval_dir, f"report_{ckpt}.npz"), IS=inception_score, fid=scores["fid"],
-                           kid=scores["kid"], num_samples=len(all_pools),
-                           feature_extractor=np.asarray(job.extractor.name))
-
-
-def _evaluate_checkpoint(job: _EvalJob, ckpt: int, meta):
-    """Every part not done yet for checkpoint ``ckpt`` (the meta says what is); returns the updated meta."""
-    state = _wait_and_restore(job.checkpoint_dir, ckpt, job.template, _wait_seconds(job.config))
-    pstate = parallel.replicate(state)
-    if job.p_eval_step is not None and not meta.loss_done:
-        meta = _eval_loss(job, ckpt, pstate, meta)
-    if job.likelihood_fn is not None:
-        meta = _eval_bpd_rounds(job, ckpt, pstate, meta, "bpd")
-    if job.bound_fn is not None:
-        meta = _eval_bpd_rounds(job, ckpt, pstate, meta, "bound")
-    if job.sampling_fn is not None:
-        meta = _sampling_rounds(job, ckpt, pstate, meta)
-        if not meta.metrics_done:
-            if parallel.is_main_process():
-                _sample_metrics(job, ckpt)
-            else:
-                _wait_for_host_files([os.path.join(job.eval_dir, f"report_{ckpt}.npz")], "the metrics of process 0")
-            meta = job.save_meta(meta, metrics_done=True)
-    return meta
-
-
 def evaluate(config, workdir: str, eval_folder: str = "eval", feature_extractor=None) -> dict:
     """Evaluate the checkpoints ``config.eval.begin_ckpt .. end_ckpt`` of ``workdir``, as the original.
 
     For each checkpoint: the loss on the evaluation split (``eval.enable_loss``), bits/dim
     through the probability-flow ODE on ``eval.bpd_dataset`` (``'test'`` is gone over 5 times;
     ``eval.enable_bpd``), the likelihood bound in bits/dim on the same batches (``eval.enable_bound``,
-    :func:`_bound_fn`), and ``eval.num_samples`` samples with their Inception features and
-    IS / FID / KID against the dataset statistics (``eval.enable_sampling``; per-host folders
-    ``ckpt_<n>_host_<h>``). Evaluation and sampling use ``params_ema``. Checkpoints written by
-    the original code are read too.
+    :func:`score_sde.eval_job.likelihood_bound_fn`), and ``eval.num_samples`` samples with their
+    Inception features and IS / FID / KID against the dataset statistics (``eval.enable_sampling``;
+    per-host folders ``ckpt_<n>_host_<h>``). Evaluation and sampling use ``params_ema``. Checkpoints
+    written by the original code are read too. The work of each checkpoint is
+    :func:`score_sde.eval_job.evaluate_checkpoint`; the checks before it, ``score_sde.eval_checks``.
 
     Before anything is computed or written (no ``workdir/eval_folder`` is created): the range
     is checked, the feature network and statistics are loaded, the settings are compared with
@@ -752,24 +297,25 @@ def evaluate(config, workdir: str, eval_folder: str = "eval", feature_extractor=
         EvaluationError: a bad range or batch size, missing checkpoints, other settings than
             the folder's results, an unreadable checkpoint; one line naming the field or file.
     """
-    _check_eval_config(config)
-    sample_metrics = _load_sample_metric_inputs(config, feature_extractor) if config.eval.enable_sampling else None
+    eval_checks.check_eval_config(config)
+    sample_metrics = (eval_job.load_sample_metric_inputs(config, feature_extractor) if config.eval.enable_sampling
+                      else None)
     eval_dir = os.path.join(workdir, eval_folder)
     host = parallel.process_index()
     settings = eval_records.result_settings(config, parallel.device_count())
     if config.eval.get("dequantizer", False) and (config.eval.enable_bpd or config.eval.get("enable_bound", False)):
-        from score_sde import dequantizer_train  # noqa: PLC0415 (it imports this module)
+        from score_sde import dequantizer_train  # noqa: PLC0415 (only eval.dequantizer and train_deq need Flow++)
 
         settings["dequantizer_checkpoint"] = dequantizer_train.checkpoint_identity(workdir)
-    settings = _check_result_settings(eval_dir, settings)
+    settings = eval_checks.check_result_settings(eval_dir, settings)
     meta = eval_records.load_eval_meta(eval_dir, host)
     begin, end = config.eval.begin_ckpt, config.eval.end_ckpt
     first = max(begin, meta.ckpt_id) if meta is not None else begin
     checkpoint_dir = os.path.join(workdir, "checkpoints")
-    _check_checkpoints_present(checkpoint_dir, first, end, _wait_seconds(config))
+    eval_checks.check_checkpoints_present(checkpoint_dir, first, end, eval_checks.wait_seconds(config))
 
     rng, model_rng = jax.random.split(jax.random.PRNGKey(config.seed + 1))
-    job = _build_job(config, eval_dir, checkpoint_dir, model_rng, sample_metrics)  # reads the data: can fail
+    job = eval_job.build_job(config, eval_dir, checkpoint_dir, model_rng, sample_metrics)  # reads the data: can fail
     os.makedirs(eval_dir, exist_ok=True)
     if parallel.is_main_process():
         eval_records.save_settings(eval_dir, settings)
@@ -788,7 +334,7 @@ def evaluate(config, workdir: str, eval_folder: str = "eval", feature_extractor=
         if ckpt != meta.ckpt_id:  # a new checkpoint (or one after a changed eval.begin_ckpt): nothing done yet
             meta = job.save_meta(meta, ckpt_id=ckpt, loss_done=False, bpd_rounds_done=0, bound_rounds_done=0,
                                  sampling_rounds_done=0, metrics_done=False)
-        meta = _evaluate_checkpoint(job, ckpt, meta)
+        meta = eval_job.evaluate_checkpoint(job, ckpt, meta)
         summary["checkpoints"][str(ckpt)] = eval_records.summarize_checkpoint(eval_dir, ckpt, job.bpd_dataset,
                                                                               job.names)
         if parallel.is_main_process():
@@ -819,7 +365,7 @@ def fid_stats(config, workdir: str, feature_extractor=None) -> str:
         The path of the statistics file.
     """
     extractor = feature_extractor or inception.load_feature_extractor(config)
-    images = _eval_images(config, "train")
+    images = eval_job.eval_images(config, "train")
     if images.dtype != np.uint8:
         images = np.clip(np.round(images * 255.0), 0, 255).astype(np.uint8)
     logging.info("Computing features of %d training images with %s", len(images), extractor.name)
@@ -863,7 +409,7 @@ def _sample_checkpoint(config, checkpoint_dir: str) -> tuple[int, str]:
         number = max(found)
     elif chosen not in found:
         raise SamplingError(f"config.sampling.ckpt = {chosen}: {checkpoint_dir} has no checkpoint_{chosen}; it holds "
-                            f"{_number_ranges(sorted(found))}. Leave the field unset for the newest.")
+                            f"{eval_checks.number_ranges(sorted(found))}. Leave the field unset for the newest.")
     else:
         number = chosen
     return number, found[number]
@@ -1015,11 +561,11 @@ def sample(config, workdir: str) -> dict:
         sampling_fn = sampling.get_sampling_fn(config, sde, model, shape, datasets.get_data_inverse_scaler(config),
                                                sampling_eps, record=_recording(config, shape))
     except (ValueError, NotImplementedError) as err:
-        raise SamplingError(_one_line(err)) from err
+        raise SamplingError(eval_checks.one_line(err)) from err
     try:
         state = checkpoints.restore_checkpoint(ckpt_path, template)
     except (ValueError, OSError) as err:  # checkpoints.CorruptCheckpointError is a ValueError
-        raise SamplingError(f"Cannot sample from {ckpt_path}: {_one_line(err)}") from err
+        raise SamplingError(f"Cannot sample from {ckpt_path}: {eval_checks.one_line(err)}") from err
     step = int(state.step) if step is None else step
     pstate = parallel.replicate(state)
     del state

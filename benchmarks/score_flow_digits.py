@@ -84,7 +84,7 @@ def evaluate(config, workdir: str, passes: int) -> dict:
     import likelihood
     import run_lib
     import sde_lib
-    from score_sde import checkpoints, datasets, eval_records, parallel
+    from score_sde import checkpoints, datasets, eval_job, eval_records, parallel
 
     model, template = run_lib.eval_state_template(config, jax.random.PRNGKey(0))
     state = checkpoints.restore_checkpoint(newest_checkpoint(workdir), template)
@@ -93,8 +93,8 @@ def evaluate(config, workdir: str, passes: int) -> dict:
     inverse_scaler = datasets.get_data_inverse_scaler(config)
     ode_fn = likelihood.get_likelihood_fn(sde, model, inverse_scaler, rtol=config.sampling.ode_rtol,
                                           atol=config.sampling.ode_atol, solver=config.sampling.ode_solver)
-    bound_fn = run_lib._bound_fn(config, sde, model, inverse_scaler)
-    images = run_lib._eval_images(config, "test")
+    bound_fn = eval_job.likelihood_bound_fn(config, sde, model, inverse_scaler)
+    images = eval_job.eval_images(config, "test")
     rng = jax.random.PRNGKey(config.seed + 1)
     values = {"ode": [], "bound": []}
     seconds = {"ode": 0.0, "bound": 0.0}
@@ -135,12 +135,12 @@ def variance_ratio(config, workdir: str, num_keys: int, batch_size: int) -> dict
     import losses
     import run_lib
     import sde_lib
-    from score_sde import checkpoints, datasets, eval_records
+    from score_sde import checkpoints, datasets, eval_job, eval_records
 
     model, template = run_lib.eval_state_template(config, jax.random.PRNGKey(0))
     state = checkpoints.restore_checkpoint(newest_checkpoint(workdir), template)
     sde, _ = sde_lib.get_sde(config)
-    images = run_lib._eval_images(config, "test")[:batch_size]
+    images = eval_job.eval_images(config, "test")[:batch_size]
     batch = {"image": datasets.get_data_scaler(config)(eval_records.dequantize(images, (config.seed, 2)))}
     eps = config.training.smallest_time
     scale = float(sde.likelihood_importance_cum_weight(sde.T, eps=eps)) / (sde.T - eps)

@@ -127,7 +127,7 @@ TRAIN_HELPERS = {
 }
 EVAL_HELPERS = {
     "run_lib.py:evaluate": 3,  # PRNGKey(config.seed + 1) and its split
-    "run_lib.py:_meta_key": 1,  # the stored key as an array
+    "score_sde/eval_job.py:_meta_key": 1,  # the stored key as an array
     "score_sde/parallel.py:fold_in_process": 2,
     "score_sde/parallel.py:split_per_device": 2,
     "sde_lib.py:__init__": 4,

@@ -11,10 +11,11 @@ import numpy as np
 import pytest
 
 import bound_likelihood
+import likelihood
 import losses
 import run_lib
 import sde_lib
-from score_sde import checkpoints, datasets, eval_records, parallel
+from score_sde import checkpoints, datasets, eval_job, eval_records, parallel
 
 NUM_TIMES = 3
 ROUNDS = 10  # 297 test digits, batch 148: 2 batches x 5 repeats
@@ -52,7 +53,7 @@ def _direct_bound(config, workdir, bound_round, keys_before):
     """
     seed, per_batch = config.seed, config.eval.batch_size
     repeat, batch_id = divmod(bound_round, 2)
-    images = run_lib._eval_images(config, "test")
+    images = eval_job.eval_images(config, "test")
     order = np.random.default_rng([seed, repeat]).permutation(len(images))
     batch = images[order[batch_id * per_batch:(batch_id + 1) * per_batch]].astype(np.float32) / 255.0
     noise = np.random.default_rng([seed, 1, repeat, batch_id]).random(batch.shape, dtype=np.float32)
@@ -107,9 +108,9 @@ def test_bound_resumes_at_the_next_round(workdir, tmp_path, monkeypatch, caplog)
     """Stopped after 4 bound rounds (beside the bits/dim); the rerun does the rest and equals a straight run."""
     config = _config(tmp_path)
     config.eval.enable_bpd = True
-    monkeypatch.setattr(run_lib.likelihood, "get_likelihood_fn", _stand_in_ode_bpd)
+    monkeypatch.setattr(likelihood, "get_likelihood_fn", _stand_in_ode_bpd)
     eval_dir = workdir / "eval_resumed"
-    real_bpd_batch = run_lib._bpd_batch
+    real_bpd_batch = eval_job._bpd_batch
     calls = []
 
     def stop_at_bound_round_4(job, bpd_round):
@@ -118,7 +119,7 @@ def test_bound_resumes_at_the_next_round(workdir, tmp_path, monkeypatch, caplog)
             raise _Interrupted
         return real_bpd_batch(job, bpd_round)
 
-    monkeypatch.setattr(run_lib, "_bpd_batch", stop_at_bound_round_4)
+    monkeypatch.setattr(eval_job, "_bpd_batch", stop_at_bound_round_4)
     with pytest.raises(_Interrupted):
         run_lib.evaluate(config, str(workdir), "eval_resumed")
     meta = json.loads((eval_dir / "meta_0.json").read_text())
@@ -132,7 +133,7 @@ def test_bound_resumes_at_the_next_round(workdir, tmp_path, monkeypatch, caplog)
     with pytest.raises(run_lib.EvaluationError, match="eval.bound_num_times: 3 -> 4"):
         run_lib.evaluate(other, str(workdir), "eval_resumed")
 
-    monkeypatch.setattr(run_lib, "_bpd_batch", real_bpd_batch)
+    monkeypatch.setattr(eval_job, "_bpd_batch", real_bpd_batch)
     with caplog.at_level(logging.INFO):
         summary = run_lib.evaluate(config, str(workdir), "eval_resumed")
     assert f"bits/dim rounds done: {ROUNDS}, bound rounds done: 4" in caplog.text
@@ -158,7 +159,7 @@ def test_bound_settings_from_the_config(monkeypatch, tmp_path, sde_name, importa
     config.eval.offset = False
     seen = {}
     monkeypatch.setattr(bound_likelihood, "get_likelihood_bound_fn", lambda *a, **kw: seen.update(kw))
-    run_lib._bound_fn(config, sde_lib.get_sde(config)[0], None, None)
+    eval_job.likelihood_bound_fn(config, sde_lib.get_sde(config)[0], None, None)
     assert seen == {"dsm": False, "eps": 1e-3, "N": NUM_TIMES, "importance_weighting": importance,
                     "eps_offset": False}
 

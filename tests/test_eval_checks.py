@@ -11,7 +11,7 @@ import pytest
 
 import run_lib
 from configs.vp import digits
-from score_sde import checkpoints, eval_records
+from score_sde import checkpoints, eval_checks, eval_job, eval_records
 
 
 def _config(begin=1, end=1, wait_s=0.0):
@@ -29,7 +29,7 @@ def no_work(monkeypatch):
     def fail(*args, **kwargs):
         raise AssertionError("evaluate started its work before refusing")
 
-    monkeypatch.setattr(run_lib, "_build_job", fail)
+    monkeypatch.setattr(eval_job, "build_job", fail)
 
 
 def _refused(config, workdir: pathlib.Path, match: str) -> str:
@@ -73,7 +73,7 @@ def test_end_past_the_last_checkpoint_is_refused(tmp_path, no_work):
 def test_waiting_is_announced_not_refused(tmp_path, caplog):
     (tmp_path / "checkpoints").mkdir()
     with caplog.at_level(logging.INFO):
-        run_lib._check_checkpoints_present(str(tmp_path / "checkpoints"), 1, 3, wait_s=600)
+        eval_checks.check_checkpoints_present(str(tmp_path / "checkpoints"), 1, 3, wait_s=600)
     assert "Checkpoint(s) 1-3 are not in" in caplog.text and "waiting up to 600 s" in caplog.text
 
 
@@ -90,7 +90,7 @@ def _all_parts(config):
 ])
 def test_resuming_with_other_result_settings_is_refused(tmp_path, no_work, monkeypatch, field, value):
     """An evaluation folder whose recorded settings differ: refused naming the field; the folder is left as it was."""
-    monkeypatch.setattr(run_lib, "_load_sample_metric_inputs", lambda config, extractor: {})  # no Inception here
+    monkeypatch.setattr(eval_job, "load_sample_metric_inputs", lambda config, extractor: {})  # no Inception here
     recorded = _all_parts(_config())
     eval_dir = tmp_path / "eval"
     eval_dir.mkdir()
@@ -109,7 +109,7 @@ def test_bits_per_dim_under_another_trained_dequantizer_are_refused(tmp_path, no
     continued under a retrained or replaced one (refused naming it, the folder unchanged); the same one passes."""
     from score_sde import dequantizer_train
 
-    monkeypatch.setattr(run_lib, "_load_sample_metric_inputs", lambda config, extractor: {})
+    monkeypatch.setattr(eval_job, "load_sample_metric_inputs", lambda config, extractor: {})
     config = _all_parts(_config())
     config.eval.dequantizer = True
     deq_file = tmp_path / dequantizer_train.DEQ_FOLDER / "checkpoints" / "checkpoint_4"
@@ -164,7 +164,7 @@ def test_same_settings_pass_on_to_the_checkpoint_check(tmp_path, no_work):
     _refused(config, tmp_path, r"Checkpoint\(s\) 1 of")
 
 
-# ---------------------------------------------------------------- _wait_and_restore
+# ---------------------------------------------------------------- wait_and_restore
 
 TEMPLATE = {"w": np.zeros((3, 2), np.float32), "step": np.zeros((), np.int32)}
 
@@ -174,7 +174,7 @@ def _state(value: float) -> dict:
 
 
 class FakeTime:
-    """``time`` for run_lib with a virtual clock: ``sleep`` advances it and runs ``on_sleep``."""
+    """``time`` for score_sde.eval_checks with a virtual clock: ``sleep`` advances it and runs ``on_sleep``."""
 
     def __init__(self, on_sleep=None):
         self.now = 1000.0
@@ -194,38 +194,38 @@ class FakeTime:
 def test_restore_of_a_present_checkpoint_does_not_wait(tmp_path, monkeypatch):
     checkpoints.save_checkpoint(str(tmp_path), _state(1.5), step=2, keep=np.inf)
     fake = FakeTime()
-    monkeypatch.setattr(run_lib, "time", fake)
-    restored = run_lib._wait_and_restore(str(tmp_path), 2, TEMPLATE, wait_s=0)
+    monkeypatch.setattr(eval_checks, "time", fake)
+    restored = eval_checks.wait_and_restore(str(tmp_path), 2, TEMPLATE, wait_s=0)
     np.testing.assert_array_equal(restored["w"], _state(1.5)["w"])
     assert fake.sleeps == []
 
 
 def test_missing_checkpoint_without_waiting_fails_at_once(tmp_path, monkeypatch):
     fake = FakeTime()
-    monkeypatch.setattr(run_lib, "time", fake)
+    monkeypatch.setattr(eval_checks, "time", fake)
     with pytest.raises(run_lib.EvaluationError, match=r"checkpoint_2 did not appear within "
                                                       r"config.eval.wait_for_checkpoints_s = 0 s"):
-        run_lib._wait_and_restore(str(tmp_path), 2, TEMPLATE, wait_s=0)
+        eval_checks.wait_and_restore(str(tmp_path), 2, TEMPLATE, wait_s=0)
     assert fake.sleeps == []
 
 
 def test_checkpoint_arriving_during_the_wait_is_restored(tmp_path, monkeypatch, caplog):
     fake = FakeTime(on_sleep=lambda: checkpoints.save_checkpoint(str(tmp_path), _state(2.5), step=3, keep=np.inf))
-    monkeypatch.setattr(run_lib, "time", fake)
+    monkeypatch.setattr(eval_checks, "time", fake)
     with caplog.at_level(logging.INFO):
-        restored = run_lib._wait_and_restore(str(tmp_path), 3, TEMPLATE, wait_s=600)
+        restored = eval_checks.wait_and_restore(str(tmp_path), 3, TEMPLATE, wait_s=600)
     np.testing.assert_array_equal(restored["w"], _state(2.5)["w"])
-    assert fake.sleeps == [run_lib.CHECKPOINT_POLL_S]
+    assert fake.sleeps == [eval_checks.CHECKPOINT_POLL_S]
     assert f"Waiting up to 600 s for {tmp_path / 'checkpoint_3'}" in caplog.text
 
 
 def test_wait_ends_with_an_error_at_the_timeout(tmp_path, monkeypatch):
     fake = FakeTime()
-    monkeypatch.setattr(run_lib, "time", fake)
+    monkeypatch.setattr(eval_checks, "time", fake)
     with pytest.raises(run_lib.EvaluationError, match="config.eval.wait_for_checkpoints_s = 150 s") as info:
-        run_lib._wait_and_restore(str(tmp_path), 4, TEMPLATE, wait_s=150)
+        eval_checks.wait_and_restore(str(tmp_path), 4, TEMPLATE, wait_s=150)
     assert str(tmp_path / "checkpoint_4") in str(info.value)
-    poll = run_lib.CHECKPOINT_POLL_S
+    poll = eval_checks.CHECKPOINT_POLL_S
     assert fake.sleeps == [poll, poll, 150 - 2 * poll]  # never past the deadline
 
 
@@ -246,31 +246,31 @@ def test_unreadable_checkpoint_fails_at_once_naming_the_file(tmp_path, monkeypat
     def no_retry(seconds):
         raise AssertionError(f"slept {seconds} s: a bad checkpoint must not be retried")
 
-    monkeypatch.setattr(run_lib.time, "sleep", no_retry)
+    monkeypatch.setattr(eval_checks.time, "sleep", no_retry)
     with pytest.raises(run_lib.EvaluationError, match=f"Cannot evaluate {path}") as info:
-        run_lib._wait_and_restore(str(tmp_path), 5, TEMPLATE, wait_s=600)
+        eval_checks.wait_and_restore(str(tmp_path), 5, TEMPLATE, wait_s=600)
     assert "\n" not in str(info.value)
     if damage != "other model":
         assert isinstance(info.value.__cause__, checkpoints.CorruptCheckpointError)
 
 
-# ---------------------------------------------------------------- _wait_for_host_files (multi-host eval)
+# ---------------------------------------------------------------- wait_for_host_files (multi-host eval)
 
 def test_host_files_arriving_during_the_wait_end_it(tmp_path, monkeypatch):
     target = tmp_path / "host_1_stats.npz"
     fake = FakeTime(on_sleep=lambda: target.write_bytes(b"x"))
-    monkeypatch.setattr(run_lib, "time", fake)
-    run_lib._wait_for_host_files([str(target)], "the statistics of host 1")
-    assert fake.sleeps == [run_lib.HOST_FILES_POLL_S]
+    monkeypatch.setattr(eval_checks, "time", fake)
+    eval_checks.wait_for_host_files([str(target)], "the statistics of host 1")
+    assert fake.sleeps == [eval_checks.HOST_FILES_POLL_S]
 
 
 def test_host_files_that_never_arrive_end_with_an_error_naming_them(tmp_path, monkeypatch):
     present, missing = tmp_path / "host_0.npz", tmp_path / "host_1.npz"
     present.write_bytes(b"x")
     fake = FakeTime()
-    monkeypatch.setattr(run_lib, "time", fake)
-    monkeypatch.setattr(run_lib, "HOST_FILES_TIMEOUT_S", 12.0)
+    monkeypatch.setattr(eval_checks, "time", fake)
+    monkeypatch.setattr(eval_checks, "HOST_FILES_TIMEOUT_S", 12.0)
     with pytest.raises(run_lib.EvaluationError, match="did that process die") as info:
-        run_lib._wait_for_host_files([str(present), str(missing)], "the statistics of host 1")
+        eval_checks.wait_for_host_files([str(present), str(missing)], "the statistics of host 1")
     assert str(missing) in str(info.value) and "1 file(s)" in str(info.value)
-    assert sum(fake.sleeps) <= 12.0 + run_lib.HOST_FILES_POLL_S
+    assert sum(fake.sleeps) <= 12.0 + eval_checks.HOST_FILES_POLL_S

@@ -189,11 +189,11 @@ def _check_bpd_round_against_likelihood_fn(config, workdir, eval_dir):
     import likelihood
     import run_lib
     import sde_lib
-    from score_sde import checkpoints, datasets, parallel
+    from score_sde import checkpoints, datasets, eval_job, parallel
 
     seed, n = config.seed, 297
     # The batch: the test digits in canonical order, permuted by repeat 1's seed, dequantised with its noise.
-    images = run_lib._eval_images(config, "test")
+    images = eval_job.eval_images(config, "test")
     batch = images[np.random.default_rng([seed, 1]).permutation(n)].astype(np.float32) / 255.0
     noise = np.random.default_rng([seed, 1, 1, 0]).random(batch.shape, dtype=np.float32)
     batch = datasets.get_data_scaler(config)((noise + batch * 255.0) / 256.0)[None]

@@ -120,10 +120,11 @@ def test_golden_checkpoint_restores_and_scores(golden_dir):
     import run_lib
     import sde_lib
     from models import utils as mutils
+    from score_sde import eval_checks
 
     config = _golden_config(golden_dir)
     model, template = run_lib.eval_state_template(config, jax.random.PRNGKey(0))
-    state = run_lib._wait_and_restore(str(golden_dir / "legacy_checkpoint" / "checkpoints"), 26, template)
+    state = eval_checks.wait_and_restore(str(golden_dir / "legacy_checkpoint" / "checkpoints"), 26, template)
     assert int(state.step) == 260000
     assert int(state.opt_state[0].count) == 260000
     assert state.ema_rate == pytest.approx(0.9999)
