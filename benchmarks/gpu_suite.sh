@@ -58,6 +58,7 @@ OUT=${OUT:-$PWD/gpu_results}
 mkdir -p "$OUT"
 WORK=$(mktemp -d)  # one JSON per part; merged into $OUT/results.json after each part
 exec > >(tee "$OUT/suite.log") 2>&1
+TEE=$!
 export PYTHONUNBUFFERED=1 TF_CPP_MIN_LOG_LEVEL=2
 
 if [ "$MODE" = smoke ]; then
@@ -154,3 +155,5 @@ summarize
 echo "=== suite finished in $((SECONDS - START)) s; results in $OUT"
 cat "$OUT/summary.md"
 rm -rf "$WORK"
+exec >&- 2>&-  # let tee write the last lines of suite.log before the script returns
+wait "$TEE"

@@ -11,9 +11,9 @@ Two measures:
   counts every saved array as a buffer where XLA fuses and recomputes elementwise chains: an estimate, not a
   bound (docs/performance.md compares it with XLA's figure).
 * ``--method xla``: XLA's compiled memory analysis of the pmapped train step that ``run_lib.train`` runs
-  (``compiled.memory_analysis()``: ``peak = argument + output - alias + temp``, an aliased buffer counted
-  once). Exact for the backend it compiles for, but compiling a full-size train step takes many minutes on
-  a CPU (see docs/performance.md).
+  (``score_sde.train_steps``; ``compiled.memory_analysis()``: ``peak = argument + output - alias + temp``, an
+  aliased buffer counted once). Exact for the backend it compiles for, but compiling a full-size train step takes
+  many minutes on a CPU (see docs/performance.md).
 
 Each measure is taken at per-device batches 1 and 2; the largest batch that fits ``--budget-gib`` (80 by
 default) is extrapolated linearly, ``peak(b) = fixed + b·per_image``.
@@ -75,13 +75,13 @@ def xla_memory(config, batch_size: int) -> dict:
     import jax.numpy as jnp
 
     import losses
-    import run_lib
     import sde_lib
     from models import utils as mutils
+    from score_sde import train_steps
 
     state = jax.eval_shape(lambda key: losses.init_train_state(key, config)[1], jax.random.PRNGKey(0))
     sde, _ = sde_lib.get_sde(config)
-    p_train_step, _ = run_lib.make_train_and_eval_steps(config, sde, mutils.create_model(config))
+    p_train_step, _ = train_steps.make_train_and_eval_steps(config, sde, mutils.create_model(config))
 
     def per_device(x):  # one device: a leading device axis of 1
         return jax.ShapeDtypeStruct((1,) + tuple(x.shape), x.dtype)

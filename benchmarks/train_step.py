@@ -4,8 +4,9 @@ The model is ``--config`` (``benchmarks/common.py``): by default the benchmark D
 (``configs/vp/cifar10_ddpmpp_continuous.py`` with ``nf=32``, ``ch_mult=(1, 2, 2)``, ``num_res_blocks=2``,
 ``attn_resolutions=(16,)``, 1,754,147 parameters; 32×32×3 images, VP SDE); ``--config
 vp/cifar10_ddpmpp_continuous`` is the full DDPM++. Each figure is min / median over repeated calls after
-compilation, for the pmapped train step as ``run_lib.train`` runs it: one step per call
-(``n_jitted_steps=1``) and ``n`` steps fused into one call (``run_lib.fuse_steps``; ``--fused``, per step).
+compilation, for the pmapped train step as ``run_lib.train`` runs it (``score_sde.train_steps``, which imports
+no TensorFlow): one step per call (``n_jitted_steps=1``) and ``n`` steps fused into one call (``fuse_steps``;
+``--fused``, per step).
 
 On a CPU backend ``--devices 1,2`` (the default there) runs once per device count; counts other than this
 process's run in a subprocess with ``XLA_FLAGS=--xla_force_host_platform_device_count=N`` (the same cores, so
@@ -54,9 +55,8 @@ def run(config_name: str, batch_size: int, reps: int, fused: int) -> dict:
     import numpy as np
 
     import losses
-    import run_lib
     import sde_lib
-    from score_sde import parallel
+    from score_sde import parallel, train_steps
 
     config = common.load_config(config_name)
     n_dev = parallel.local_device_count()
@@ -65,7 +65,7 @@ def run(config_name: str, batch_size: int, reps: int, fused: int) -> dict:
     model, state = losses.init_train_state(jax.random.PRNGKey(0), config)
     num_params = sum(int(np.size(x)) for x in jax.tree_util.tree_leaves(state.params))
     sde, _ = sde_lib.get_sde(config)
-    p_train_step, _ = run_lib.make_train_and_eval_steps(config, sde, model)
+    p_train_step, _ = train_steps.make_train_and_eval_steps(config, sde, model)
     shape = (config.data.image_size, config.data.image_size, config.data.num_channels)
     per_device = batch_size // n_dev
     rng = np.random.default_rng(0)
