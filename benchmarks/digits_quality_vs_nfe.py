@@ -51,6 +51,7 @@ import fast_sampling  # noqa: E402
 import run_lib  # noqa: E402
 import sampling  # noqa: E402
 import sde_lib  # noqa: E402
+from benchmarks import common  # noqa: E402
 from configs.vp import digits as vp_digits  # noqa: E402
 from models import utils as mutils  # noqa: E402
 from score_sde import checkpoints, compile_cache, datasets, digits_fd, metrics  # noqa: E402
@@ -202,6 +203,7 @@ def plan(args):
 def main(argv=None):
     args = parse_args(argv)
     compile_cache.configure(None)
+    common.print_backend()
     config = vp_digits.get_config()
     ckpt_path = newest_checkpoint(args.workdir)
     model, template = run_lib.eval_state_template(config, jax.random.PRNGKey(config.seed + 1))

@@ -173,6 +173,9 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO)
     import run_lib
+    from benchmarks import common
+
+    common.print_backend()
 
     for name in args.runs.split(","):
         config, overrides = run_config(name, args.steps, args.bound_times)
