@@ -133,7 +133,7 @@ fi
 for label in $LABELS; do
   # One step per call beside the port's; the benchmark model also with 5 fused (the configs' n_jitted_steps): the
   # full model's 5 fused steps would take minutes to compile.
-  part "ours, train step, $label" "$(big "$label" 150 90)" "$PYTHON" benchmarks/train_step.py \
+  part "ours, train step, $label" "$(big "$label" 150 120)" "$PYTHON" benchmarks/train_step.py \
     --config "${CONFIG[$label]}" --batch "$BATCH" --reps "$REPS" --fused "$(big "$label" 1 "$FUSED")" "${ONE_DEVICE[@]}" \
     --out "$WORK/train_step_$label.json"
 done
