@@ -39,7 +39,7 @@ import sde_lib
 from models import utils as mutils
 from score_sde import checkpoints, datasets, eval_checks, eval_job, eval_records, inception, parallel, reporting
 from score_sde import sample_job
-from score_sde.eval_checks import CHECKPOINT_POLL_S, HOST_FILES_POLL_S, EvaluationError
+from score_sde.eval_checks import EvaluationError
 from score_sde.eval_job import eval_state_template
 from score_sde.sample_job import SamplingError
 from score_sde.train_checkpoints import (TrainingDivergedError, all_finite, checkpoint_state, divergence_error,
@@ -48,12 +48,12 @@ from score_sde.train_steps import device_keys, fuse_steps, make_train_and_eval_s
 from score_sde.workdir_config import CONFIG_HISTORY, WorkdirConfigError, check_workdir_config, save_config
 
 # The jobs, and the names of their machinery that main.py, tests, benchmarks and notebooks import from here (each
-# lives in its module under score_sde/; CHECKPOINT_POLL_S and HOST_FILES_POLL_S are read there: set them there).
+# lives in its module under score_sde/; the polling constants live in score_sde/eval_checks.py).
 __all__ = [
     "train", "train_deq", "evaluate", "fid_stats", "sample", "tables", "write_samples",
     "CONFIG_HISTORY", "WorkdirConfigError", "check_workdir_config", "save_config",
     "TrainingDivergedError", "device_keys", "fuse_steps", "make_train_and_eval_steps", "numpy_batches",
-    "CHECKPOINT_POLL_S", "HOST_FILES_POLL_S", "EvaluationError", "eval_state_template", "SamplingError",
+    "EvaluationError", "eval_state_template", "SamplingError",
 ]
 
 

@@ -54,7 +54,7 @@ import sde_lib  # noqa: E402
 from benchmarks import common  # noqa: E402
 from configs.vp import digits as vp_digits  # noqa: E402
 from models import utils as mutils  # noqa: E402
-from score_sde import checkpoints, compile_cache, datasets, digits_fd, metrics  # noqa: E402
+from score_sde import checkpoints, compile_cache, datasets, digits_fd  # noqa: E402
 from score_sde.digits_fd import bootstrap_fd, centred_interval  # noqa: E402
 
 # (row label, fast sampler, options, score evaluations per step)

@@ -62,7 +62,7 @@ import sde_lib
 from configs.vp import gmm as gmm_config
 from models import utils as mutils
 from score_sde import mixture_training, paper_results, reporting
-from score_sde.mixtures import IsotropicMixture, make_mixture  # noqa: F401 (tables.make_mixture is public)
+from score_sde.mixtures import make_mixture  # noqa: F401 (tables.make_mixture is public)
 from score_sde.paper_results import TablesError
 
 TABLES = ("sampler", "likelihood", "trained_sampler", "trained_likelihood", "paper", "digits")

@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 
 import losses
-import sde_lib
 from models import utils as mutils
 from score_sde import parallel
 from tests.helpers import SDE_NAMES, make_sde
