@@ -19,6 +19,7 @@ import logging
 import os
 from typing import Callable
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -69,7 +70,7 @@ def _load_score_model(config, workdir: str):
     return sde_lib.get_sde(config)[0], score_model, state, path
 
 
-def get_dequantized_bpd_fn(config, sde: sde_lib.SDE, score_model, deq_model: flowpp.Dequantizer,
+def get_dequantized_bpd_fn(config, sde: sde_lib.SDE, score_model, deq_model: nn.Module,
                            train: bool) -> Callable:
     """``bpd_fn(rng, deq_params, score_state, images) -> (batch,)``: the bound on bits/dim under ``q``.
 

@@ -13,23 +13,9 @@ import numpy as np
 import pytest
 
 from models.flowpp import dequantizer as dq
+from tests.helpers import flatten_tree, unflatten_tree
 
 GOLDEN = os.path.join(os.path.dirname(__file__), "golden")
-
-
-def _flat(tree) -> dict:
-    return {"/".join(str(k.key) for k in path): leaf for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
-
-
-def _unflatten(flat: dict) -> dict:
-    tree = {}
-    for key, value in flat.items():
-        *parents, leaf = key.split("/")
-        node = tree
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = jnp.asarray(value)
-    return tree
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +29,7 @@ def golden():
 def small(golden):
     meta, arrays = golden
     model = dq.Dequantizer(**meta["small"])
-    params = _unflatten({k[len("params/"):]: v for k, v in arrays.items() if k.startswith("params/")})
+    params = unflatten_tree({k[len("params/"):]: v for k, v in arrays.items() if k.startswith("params/")})
     return model, params, arrays
 
 
@@ -51,7 +37,7 @@ def test_cifar10_parameter_tree_matches_score_flow(golden):
     meta, _ = golden
     z = jnp.zeros((1, 32, 32, 3))
     shapes = jax.eval_shape(lambda: dq.Dequantizer().init({"params": jax.random.PRNGKey(0)}, z, z))["params"]
-    assert {k: list(v.shape) for k, v in _flat(shapes).items()} == meta["cifar10_param_shapes"]
+    assert {k: list(v.shape) for k, v in flatten_tree(shapes).items()} == meta["cifar10_param_shapes"]
 
 
 def test_outputs_match_score_flow_with_its_parameters(small):
@@ -68,8 +54,8 @@ def test_outputs_match_score_flow_with_its_parameters(small):
 def test_data_dependent_init_matches_score_flow(small):
     model, params, g = small
     ours = dq.init_dequantizer(jax.random.PRNGKey(0), model, g["x"][None])
-    expected = _flat(params)
-    got = _flat(ours["params"])
+    expected = flatten_tree(params)
+    got = flatten_tree(ours["params"])
     assert got.keys() == expected.keys()
     for key in expected:
         np.testing.assert_allclose(got[key], expected[key], rtol=2e-4, atol=2e-5, err_msg=key)
