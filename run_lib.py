@@ -38,7 +38,7 @@ import losses
 import sde_lib
 from models import utils as mutils
 from score_sde import checkpoints, datasets, eval_checks, eval_job, eval_records, inception, parallel, reporting
-from score_sde import sample_job
+from score_sde import sample_job, sample_plots
 from score_sde.eval_checks import EvaluationError
 from score_sde.eval_job import eval_state_template
 from score_sde.sample_job import SamplingError
@@ -58,7 +58,11 @@ __all__ = [
 
 
 def write_samples(samples: np.ndarray, sample_dir: str, step: int) -> str:
-    """Save snapshot samples ``(..., H, W, C)`` in [0, 1] as a PNG grid plus a uint8 ``.npy``; returns the PNG path.
+    """Save snapshot samples ``(..., H, W, C)``; returns the PNG path.
+
+    Images (in [0, 1]): a PNG grid plus a uint8 ``.npy``. Mixture points (``H = W = 1``, ``C = dim``
+    coordinates in data space, the ``GMM`` data set): a float32 ``.npy`` ``(n, dim)`` and a scatter plot
+    of the first two coordinates (grey levels would destroy them).
 
     Raises:
         ValueError: some sample value is NaN or infinite (the uint8 cast would turn NaN into 0 without a trace).
@@ -71,6 +75,11 @@ def write_samples(samples: np.ndarray, sample_dir: str, step: int) -> str:
                          "(predictor, corrector, snr) or a larger model.num_scales, or check the model for divergence")
     suffix = "" if parallel.process_index() == 0 else f"_host_{parallel.process_index()}"
     stem = os.path.join(sample_dir, f"iter_{step}{suffix}")
+    if images.shape[1:3] == (1, 1) and images.shape[3] >= 2:
+        points = images.reshape(images.shape[0], -1).astype(np.float32)
+        np.save(stem + ".npy", points)
+        sample_plots.plot_points(stem + ".png", points, title=f"samples at step {step}")
+        return stem + ".png"
     np.save(stem + ".npy", np.clip(images * 255.0 + 0.5, 0, 255).astype(np.uint8))
     nrow = max(int(np.sqrt(images.shape[0])), 1)
     # Small images are enlarged so that the grid is legible (8×8 digits become 32×32).

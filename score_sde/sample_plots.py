@@ -1,9 +1,10 @@
-"""The picture ``--mode sample`` draws for 2-D data: the score field at a few times, with the sample paths.
+"""Pictures of point samples: the score field ``--mode sample`` draws for 2-D data, and training's point snapshots.
 
 :func:`is_2d` tells whether samples of a shape are points of the plane; :func:`plot_score_field`
 writes one PNG with a panel per time: the direction of the score ``∇_x log p_t`` on a grid (unit
 arrows, coloured by ``log10 |score|``, since its size grows like ``1/σ(t)²`` towards the data) and
-the paths that the samples took from noise (frame 0) to data (the last frame).
+the paths that the samples took from noise (frame 0) to data (the last frame). :func:`plot_points`
+is the scatter plot of training's snapshot samples of mixture points (``run_lib.write_samples``).
 """
 from __future__ import annotations
 
@@ -77,4 +78,27 @@ def plot_score_field(path: str, score_fn: Callable[[np.ndarray, float], np.ndarr
     fig.axes[0].legend(loc="lower left", fontsize=7)
     if title:
         fig.suptitle(title, fontsize=9)
+    fig.savefig(path, dpi=90)
+
+
+def plot_points(path: str, points: np.ndarray, title: str = "") -> None:
+    """Write a scatter plot of ``points`` ``(n, dim)``, dim >= 2, to the PNG ``path``: coordinates 1 and 2."""
+    from matplotlib.figure import Figure  # noqa: PLC0415 (only the plots need matplotlib; no pyplot state)
+
+    points = np.asarray(points, np.float64)
+    if points.ndim != 2 or points.shape[1] < 2:
+        raise ValueError(f"points must be (n, dim) with dim >= 2, got shape {points.shape}.")
+    x0, x1, y0, y1 = plot_bounds(points[:, :2])
+    fig = Figure(figsize=(4.0, 4.0), layout="constrained")
+    ax = fig.add_subplot(1, 1, 1)
+    ax.scatter(points[:, 0], points[:, 1], s=4, color="tab:red")
+    ax.set_xlim(x0, x1)
+    ax.set_ylim(y0, y1)
+    ax.set_aspect("equal")
+    ax.set_xlabel("x1")
+    ax.set_ylabel("x2")
+    if points.shape[1] > 2:
+        title = f"{title} (coordinates 1 and 2 of {points.shape[1]})".strip()
+    if title:
+        ax.set_title(title, fontsize=9)
     fig.savefig(path, dpi=90)

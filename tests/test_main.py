@@ -65,6 +65,20 @@ def test_write_samples_stores_what_it_was_given(tmp_path):
     np.testing.assert_array_equal(stored, np.floor(samples.reshape(6, 8, 8, 1) * 255 + 0.5).astype(np.uint8))
 
 
+def test_write_samples_keeps_mixture_points_as_coordinates(tmp_path):
+    """Snapshots of GMM points ((..., 1, 1, dim) in data space, not [0, 1]) stay float32 coordinates, plus a scatter."""
+    import run_lib
+    from PIL import Image
+
+    samples = np.random.default_rng(0).normal(scale=3.0, size=(2, 3, 1, 1, 16)).astype(np.float32)
+    assert run_lib.write_samples(samples, str(tmp_path), step=7) == str(tmp_path / "iter_7.png")
+    stored = np.load(tmp_path / "iter_7.npy")
+    assert stored.dtype == np.float32
+    np.testing.assert_array_equal(stored, samples.reshape(6, 16))
+    plot = np.asarray(Image.open(tmp_path / "iter_7.png"))
+    assert plot.ndim == 3 and min(plot.shape[:2]) > 100 and np.ptp(plot) > 0
+
+
 @pytest.mark.slow
 def test_main_job_writes_sample_grids_and_tensorboard_events(tmp_path):
     """The README's command, on a tiny network and few steps: PNG grids of 8×8 digits and event files."""
