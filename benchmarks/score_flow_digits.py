@@ -62,6 +62,7 @@ def run_config(name: str, steps: int, bound_times: int):
         "eval.begin_ckpt": 1, "eval.end_ckpt": 1, "eval.enable_loss": False, "eval.enable_bpd": True,
         "eval.enable_bound": True, "eval.bound_num_times": bound_times, "eval.bpd_dataset": "test",
         "eval.batch_size": 297,  # the whole test split per round: 5 rounds
+        "training.n_jitted_steps": 5,  # the digits default when results/score_flow_digits was made
         **RUNS[name]}
     for key, value in overrides.items():
         section, field = key.split(".")

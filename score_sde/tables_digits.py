@@ -152,6 +152,9 @@ def model_config(config, sde_name: str, weighting: str):
     mc.model.nf, mc.model.num_res_blocks = t.digits_width, t.digits_blocks
     tr = mc.training
     tr.n_iters = tr.snapshot_freq = t.digits_train_steps
+    # The committed tables were trained with 5 fused steps per call (the digits default until 2026-12); the
+    # step order of the random keys depends on it, so it stays fixed here.
+    tr.n_jitted_steps = 5
     # A preemption checkpoint every quarter of the run (a multiple of the 5 fused steps); no evaluation
     # loss during training (its compilation would cost more than the training of a small model).
     tr.snapshot_freq_for_preemption = max(5, t.digits_train_steps // 20 * 5)

@@ -37,11 +37,11 @@ def fuse_steps(step_fn: Callable) -> Callable:
     """``fused((rng, state), batch) -> ((rng, state), losses)``: ``step_fn`` applied to each ``batch['image'][i]``.
 
     Semantically ``functools.partial(jax.lax.scan, step_fn)`` as in the original, but unrolled
-    into straight-line code. Measured on XLA:CPU (jax 0.10.2, 2 cores), a train step inside
-    ``lax.scan``'s while loop runs ~25× slower than the same step outside one (13 s vs 0.36 s
-    per step for the digits DDPM++), while the unrolled form makes ``n_jitted_steps`` pay off
-    (0.36 s vs 0.56 s per step for one step per call). The cost is compile time, which grows
-    with the number of fused steps.
+    into straight-line code: on XLA:CPU (jax 0.10.2, 2 cores) a train step of the digits DDPM++
+    inside ``lax.scan``'s while loop ran 5.5 s against 0.23 s unrolled (2026-12-03). Unrolling
+    costs compile and cache-load time, which grow faster than the number of fused steps
+    (docs/performance.md, "Compilation"); on a CPU fusing buys little per step, hence the digits
+    configs' one step per call.
     """
 
     def fused(carry, batch):
