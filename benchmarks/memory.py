@@ -19,6 +19,7 @@ Each measure is taken at per-device batches 1 and 2; the largest batch that fits
 default) is extrapolated linearly, ``peak(b) = fixed + b·per_image``.
 
     python benchmarks/memory.py [--configs vp/cifar10_ddpmpp_deep_continuous,...] [--method residuals|xla]
+                                [--variants float32,remat,remat-bf16] [--batches 1,2]
                                 [--budget-gib 80] [--out results.json]
 """
 from __future__ import annotations
@@ -33,8 +34,8 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_CONFIGS = ("vp/cifar10_ddpmpp_deep_continuous", "ve/celebahq_256_ncsnpp_continuous",
                    "ve/ffhq_ncsnpp_continuous")
-# (model.remat, model.dtype) per row
-VARIANTS = ((False, "float32"), (True, "float32"), (True, "bfloat16"))
+# (model.remat, model.dtype) per row, by the names --variants takes
+VARIANTS = {"float32": (False, "float32"), "remat": (True, "float32"), "remat-bf16": (True, "bfloat16")}
 GIB = 2.0 ** 30
 
 
@@ -95,15 +96,15 @@ def xla_memory(config, batch_size: int) -> dict:
     return result
 
 
-def measure(name: str, remat: bool, dtype: str, method: str) -> dict:
-    """One table row: ``configs/<name>.py`` with ``model.remat`` / ``model.dtype`` at batches 1 and 2."""
+def measure(name: str, remat: bool, dtype: str, method: str, batches: tuple[int, ...] = (1, 2)) -> dict:
+    """One table row: ``configs/<name>.py`` with ``model.remat`` / ``model.dtype`` at ``batches``."""
     config = importlib.import_module("configs." + name.replace("/", ".")).get_config()
     config.model.remat = remat
     config.model.dtype = dtype
     config.training.n_jitted_steps = 1
     t0 = time.perf_counter()
     fn = residual_memory if method == "residuals" else xla_memory
-    rows = [fn(config, b) for b in (1, 2)]
+    rows = [fn(config, b) for b in batches]
     return {"config": name, "remat": remat, "dtype": dtype, "method": method, "rows": rows,
             "seconds": round(time.perf_counter() - t0, 1)}
 
@@ -120,6 +121,8 @@ def table(results: list[dict], budget_gib: float) -> str:
     lines = ["| config | remat | dtype | parameters (GiB) | peak b=1 (GiB) | peak b=2 (GiB) | per image (GiB) | "
              f"largest batch in {budget_gib:g} GiB (linear) |", "|---|---|---|---|---|---|---|---|"]
     for r in results:
+        if len(r["rows"]) != 2:
+            continue  # the line needs batches 1 and 2
         b1, b2 = r["rows"]
         batch, per_image = largest_batch(r["rows"], budget_gib * GIB)
         params = f"{b1['params'] / GIB:.3f}" if "params" in b1 else ""
@@ -133,8 +136,16 @@ def main() -> None:
     parser.add_argument("--configs", default=",".join(DEFAULT_CONFIGS), help="comma-separated names under configs/")
     parser.add_argument("--method", choices=("residuals", "xla"), default="residuals")
     parser.add_argument("--budget-gib", type=float, default=80.0, help="device memory for the largest batch")
+    parser.add_argument("--variants", default=",".join(VARIANTS),
+                        help=f"comma-separated rows per config, of {', '.join(VARIANTS)}")
+    parser.add_argument("--batches", default="1,2",
+                        help="per-device batches; the table's line needs exactly 1,2 (others: JSON only)")
     parser.add_argument("--out", help="also write the results as JSON to this file")
     args = parser.parse_args()
+    unknown = sorted(set(args.variants.split(",")) - set(VARIANTS))
+    if unknown:
+        parser.error(f"--variants: unknown {unknown}; choose from {', '.join(VARIANTS)}")
+    batches = tuple(int(b) for b in args.batches.split(","))
     sys.path.insert(0, ROOT)
     from benchmarks import common
 
@@ -142,8 +153,9 @@ def main() -> None:
     print(f"train step memory per device ({args.method})", flush=True)
     results = []
     for name in args.configs.split(","):
-        for remat, dtype in VARIANTS:
-            results.append(measure(name, remat, dtype, args.method))
+        for variant in args.variants.split(","):
+            remat, dtype = VARIANTS[variant]
+            results.append(measure(name, remat, dtype, args.method, batches))
             print(json.dumps(results[-1]), flush=True)
             if args.out:
                 with open(args.out, "w") as f:
