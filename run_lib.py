@@ -40,10 +40,9 @@ from models import utils as mutils
 from score_sde import checkpoints, datasets, eval_checks, eval_job, eval_records, inception, parallel, reporting
 from score_sde import sample_job, sample_plots
 from score_sde.eval_checks import EvaluationError
-from score_sde.eval_job import eval_state_template
 from score_sde.sample_job import SamplingError
 from score_sde.train_checkpoints import (TrainingDivergedError, all_finite, checkpoint_state, divergence_error,
-                                         restore_newest, resume_candidates, use_config_rates)
+                                         eval_state_template, restore_newest, resume_candidates, use_config_rates)
 from score_sde.train_steps import device_keys, fuse_steps, make_train_and_eval_steps, numpy_batches
 from score_sde.workdir_config import CONFIG_HISTORY, WorkdirConfigError, check_workdir_config, save_config
 

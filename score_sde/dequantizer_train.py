@@ -30,7 +30,7 @@ import losses
 import sde_lib
 from models import utils as mutils
 from models.flowpp import dequantizer as flowpp
-from score_sde import checkpoints, datasets, eval_job, parallel, reporting, train_checkpoints, train_steps
+from score_sde import checkpoints, datasets, parallel, reporting, train_checkpoints, train_steps
 from score_sde import workdir_config
 
 # score_flow's --deq_folder default.
@@ -65,7 +65,7 @@ def score_checkpoint(config, workdir: str) -> str:
 def _load_score_model(config, workdir: str):
     """``(sde, score_model, state, path)``: the score model of ``workdir`` restored from :func:`score_checkpoint`."""
     path = score_checkpoint(config, workdir)
-    score_model, template = eval_job.eval_state_template(config, jax.random.PRNGKey(config.seed))
+    score_model, template = train_checkpoints.eval_state_template(config, jax.random.PRNGKey(config.seed))
     state = checkpoints.restore_checkpoint(path, template)
     return sde_lib.get_sde(config)[0], score_model, state, path
 

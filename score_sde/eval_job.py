@@ -17,11 +17,10 @@ import numpy as np
 
 import bound_likelihood
 import likelihood
-import losses
 import sampling
 import sde_lib
-from models import utils as mutils
-from score_sde import datasets, eval_checks, eval_records, inception, metrics, ode, parallel
+from score_sde import datasets, dequantizer_train, eval_checks, eval_records, inception, metrics, ode, parallel
+from score_sde.train_checkpoints import eval_state_template
 from score_sde.train_steps import device_keys, make_train_and_eval_steps
 
 
@@ -47,18 +46,6 @@ def _host_rows(global_batch: np.ndarray, per_device: int) -> np.ndarray:
     start = parallel.process_index() * local * per_device
     rows = global_batch[start:start + local * per_device]
     return rows.reshape((local, per_device) + rows.shape[1:])
-
-
-def eval_state_template(config, rng: jax.Array):
-    """``(model, state)``: the model of ``config`` and a zero State with its structure, shapes and dtypes.
-
-    Enough to restore a checkpoint into (ours or the original's); the initialisation is only
-    traced (``jax.eval_shape``), which is much faster than running it. The model computes in float32
-    whatever ``config.model.dtype`` (the training compute dtype): evaluation and sampling stay float32.
-    """
-    shapes = jax.eval_shape(lambda key: losses.init_train_state(key, config)[1], rng)
-    model = mutils.float32_model(mutils.create_model(config))
-    return model, jax.tree_util.tree_map(lambda s: np.zeros(s.shape, s.dtype), shapes)
 
 
 @dataclasses.dataclass
@@ -137,8 +124,6 @@ def build_job(config, eval_dir: str, checkpoint_dir: str, model_rng: jax.Array, 
         job.bound_fn = likelihood_bound_fn(config, sde, score_model, inverse_scaler)
     if job.likelihood_fn is not None or job.bound_fn is not None:
         if config.eval.get("dequantizer", False):
-            from score_sde import dequantizer_train  # noqa: PLC0415 (it imports this module)
-
             job.dequantizer = dequantizer_train.load_eval_dequantizer(config, os.path.dirname(checkpoint_dir))
         job.bpd_images = _images_for_batches(config, job.bpd_dataset, global_batch)
         job.bpd_batches_per_repeat = len(job.bpd_images) // global_batch

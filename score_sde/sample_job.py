@@ -19,7 +19,7 @@ import sampling
 import sde_lib
 from models import utils as mutils
 from score_sde import checkpoints, datasets, eval_checks, ode, parallel, reporting, sample_plots
-from score_sde.eval_job import eval_state_template
+from score_sde.train_checkpoints import eval_state_template
 from score_sde.train_steps import device_keys
 
 

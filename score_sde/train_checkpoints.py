@@ -3,7 +3,8 @@
 :func:`restore_newest` resumes from the newest readable checkpoint of ``checkpoints-meta/`` and
 ``checkpoints/`` (by the step in each file's footer, :func:`resume_candidates`); a state whose loss
 or parameters are NaN / infinite is never saved, the loop stops with :func:`divergence_error`
-instead. Used by ``run_lib.train`` and ``score_sde.dequantizer_train``.
+instead; :func:`eval_state_template` is the zero state a checkpoint is restored into for evaluation and
+sampling. Used by ``run_lib``, ``score_sde.eval_job``, ``score_sde.sample_job`` and ``score_sde.dequantizer_train``.
 """
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ from typing import Any
 import jax
 import numpy as np
 
+import losses
+from models import utils as mutils
 from score_sde import checkpoints, parallel
 
 
@@ -29,6 +32,18 @@ def all_finite(tree: Any) -> bool:
 def checkpoint_state(pstate, rng) -> Any:
     """The first replica of ``pstate`` on the host, carrying the host loop's ``rng`` (as the original)."""
     return parallel.unreplicate_to_host(pstate).replace(rng=jax.device_get(rng))
+
+
+def eval_state_template(config, rng: jax.Array):
+    """``(model, state)``: the model of ``config`` and a zero State with its structure, shapes and dtypes.
+
+    Enough to restore a checkpoint into (ours or the original's); the initialisation is only
+    traced (``jax.eval_shape``), which is much faster than running it. The model computes in float32
+    whatever ``config.model.dtype`` (the training compute dtype): evaluation and sampling stay float32.
+    """
+    shapes = jax.eval_shape(lambda key: losses.init_train_state(key, config)[1], rng)
+    model = mutils.float32_model(mutils.create_model(config))
+    return model, jax.tree_util.tree_map(lambda s: np.zeros(s.shape, s.dtype), shapes)
 
 
 def resume_candidates(checkpoint_meta_dir: str, checkpoint_dir: str) -> list[str]:
