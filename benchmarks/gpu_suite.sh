@@ -150,6 +150,10 @@ done
 label=${LABELS%% *}
 part "ours, fast samplers, $label" 120 "$PYTHON" benchmarks/sampling.py --config "${CONFIG[$label]}" \
   --batch "$BATCH" --reps 2 --skip_pc --skip_ode --fast "$FAST" --out "$WORK/fastsamplers_$label.json"
+# Last, if time is left: XLA's compiled memory of the 256² train step with and without remat (on XLA:CPU remat
+# saved nothing, docs/performance.md "Memory"); the table goes to suite.log, the bytes next to the summary.
+part "ours, XLA memory with and without remat, celebahq 256" 120 "$PYTHON" benchmarks/memory.py \
+  --configs ve/celebahq_256_ncsnpp_continuous --method xla --variants float32,remat --out "$OUT/memory_xla_256.json"
 
 summarize
 echo "=== suite finished in $((SECONDS - START)) s; results in $OUT"
