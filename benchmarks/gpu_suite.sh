@@ -69,12 +69,14 @@ if [ "$MODE" = smoke ]; then
   BATCH=4; REPS=2; PC_N=25; TOL=1e-2; FAST=ddim_eta0; TORCH_DEVICE=cpu; TORCH_THREADS=(--threads 1)
   FUSED=2; CAP_SCALE=3  # a loaded CPU compiles slowly
   ONE_DEVICE=(--devices 1)  # train_step.py's CPU default also times 2 host devices
+  MEMORY_CONFIG=vp/digits
 else
   SUITE_SECONDS=${SUITE_SECONDS:-480}
   LABELS="benchmark full"
   declare -A CONFIG=([benchmark]=benchmark [full]=vp/cifar10_ddpmpp_continuous)
   BATCH=${BATCH:-128}; REPS=10; PC_N=50; TOL=1e-3; FAST=ddim_eta0,dpm_solver2,heun; TORCH_DEVICE=cuda; TORCH_THREADS=()
   FUSED=5; CAP_SCALE=1; ONE_DEVICE=()
+  MEMORY_CONFIG=ve/celebahq_256_ncsnpp_continuous
 fi
 START=$SECONDS
 
@@ -152,8 +154,8 @@ part "ours, fast samplers, $label" 120 "$PYTHON" benchmarks/sampling.py --config
   --batch "$BATCH" --reps 2 --skip_pc --skip_ode --fast "$FAST" --out "$WORK/fastsamplers_$label.json"
 # Last, if time is left: XLA's compiled memory of the 256² train step with and without remat (on XLA:CPU remat
 # saved nothing, docs/performance.md "Memory"); the table goes to suite.log, the bytes next to the summary.
-part "ours, XLA memory with and without remat, celebahq 256" 120 "$PYTHON" benchmarks/memory.py \
-  --configs ve/celebahq_256_ncsnpp_continuous --method xla --variants float32,remat --out "$OUT/memory_xla_256.json"
+part "ours, XLA memory with and without remat, $MEMORY_CONFIG" 120 "$PYTHON" benchmarks/memory.py \
+  --configs "$MEMORY_CONFIG" --method xla --variants float32,remat --out "$OUT/memory_xla_256.json"
 
 summarize
 echo "=== suite finished in $((SECONDS - START)) s; results in $OUT"

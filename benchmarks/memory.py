@@ -131,7 +131,7 @@ def table(results: list[dict], budget_gib: float) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--configs", default=",".join(DEFAULT_CONFIGS), help="comma-separated names under configs/")
     parser.add_argument("--method", choices=("residuals", "xla"), default="residuals")
@@ -141,7 +141,7 @@ def main() -> None:
     parser.add_argument("--batches", default="1,2",
                         help="per-device batches; the table's line needs exactly 1,2 (others: JSON only)")
     parser.add_argument("--out", help="also write the results as JSON to this file")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     unknown = sorted(set(args.variants.split(",")) - set(VARIANTS))
     if unknown:
         parser.error(f"--variants: unknown {unknown}; choose from {', '.join(VARIANTS)}")

@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from benchmarks import common, gpu_summary, likelihood, sampling, train_step
+from benchmarks import common, gpu_summary, likelihood, memory, sampling, train_step
 
 BATCH = 4
 
@@ -73,3 +73,20 @@ def test_likelihood_cli(tmp_path):
     assert solve["ratio_to_floor"] == pytest.approx(solve["per_nfe_s"] / data["results"]["floor_drift_div"]["median_s"])
     assert solve["bpd_mean"] > 0
     assert f"| likelihood NFE | {solve['nfe']} |" in text
+
+
+def test_memory_cli_variants_and_batches(tmp_path):
+    """gpu_suite.sh's memory part: only the rows and batches asked for (the traced method here: no compilation)."""
+    path = tmp_path / "memory.json"
+    buffer = io.StringIO()
+    with contextlib.redirect_stdout(buffer):
+        memory.main(["--configs", "vp/digits", "--method", "residuals", "--variants", "remat", "--batches", "1",
+                     "--out", str(path)])
+    data = json.loads(path.read_text())
+    assert [(r["config"], r["remat"], r["dtype"]) for r in data] == [("vp/digits", True, "float32")]
+    assert [row["batch"] for row in data[0]["rows"]] == [1]
+    assert data[0]["rows"][0]["peak"] > 5 * data[0]["rows"][0]["params"] > 0
+    assert buffer.getvalue().splitlines()[0].startswith("backend platform=cpu")
+    with pytest.raises(SystemExit), contextlib.redirect_stderr(io.StringIO()) as err:
+        memory.main(["--configs", "vp/digits", "--variants", "float32,fp8"])
+    assert "unknown ['fp8']" in err.getvalue()
