@@ -30,7 +30,7 @@ def get_default_configs() -> ml_collections.ConfigDict:
     training.eval_freq = 250
     training.snapshot_freq_for_preemption = 250
     training.snapshot_sampling = True
-    # One step per call: on a CPU fusing 5 steps is only 3-13% faster per step, but its program takes ~4.6× longer
+    # One step per call: on a CPU fusing 5 steps is only 3-19% faster per step, but its program takes ~4.6× longer
     # to compile and ~20× longer to load from the compilation cache (docs/performance.md, "Compilation"), so
     # the README's run finishes sooner and restarts ~5× sooner with 1.
     training.n_jitted_steps = 1
