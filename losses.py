@@ -307,8 +307,11 @@ def get_step_fn(sde: sde_lib.SDE, model, train: bool, optimize_fn: Callable | No
     return step_fn
 
 
-def init_train_state(rng: jax.Array, config):
+def init_train_state(rng: jax.Array, config, *, model=None, init_fn=None):
     """Initialise the model and a fresh training :class:`models.utils.State`.
+
+    ``model`` / ``init_fn``: an already created module and its :func:`models.utils.jitted_init`
+    (see :func:`models.utils.init_model`).
 
     Returns:
         ``(model, state)``; ``state.rng`` is ``rng`` and ``params_ema`` starts equal to ``params``.
@@ -316,7 +319,7 @@ def init_train_state(rng: jax.Array, config):
         as the original's ``run_lib``.
     """
     rng, init_rng = jax.random.split(rng)
-    model, init_model_state, initial_params = mutils.init_model(init_rng, config)
+    model, init_model_state, initial_params = mutils.init_model(init_rng, config, model=model, init_fn=init_fn)
     state = mutils.State(step=0, params=initial_params, opt_state=jax.jit(get_optimizer(config).init)(initial_params),
                          lr=config.optim.lr, model_state=init_model_state, ema_rate=config.model.ema_rate,
                          params_ema=initial_params, rng=rng)

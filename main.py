@@ -124,6 +124,14 @@ def main(argv) -> None:
     except ValueError as err:
         _fail(str(err))
 
+    # Training on data that are always present: compile its programs in the background while TensorFlow
+    # imports and the data load (score_sde/train_programs.py).
+    programs = None
+    if FLAGS.mode == "train":
+        from score_sde import train_programs
+
+        programs = train_programs.start_before_data(FLAGS.config, FLAGS.workdir)
+
     import tensorflow as tf
 
     # TensorFlow only feeds data here; keep it off the accelerators that JAX uses.
@@ -139,6 +147,8 @@ def main(argv) -> None:
     if job is None:
         _fail(f"--mode={FLAGS.mode} is not available in this version (run_lib.{function_name} is missing).")
     kwargs = {"eval_folder": FLAGS.eval_folder} if FLAGS.mode == "eval" else {}
+    if programs is not None:
+        kwargs["programs"] = programs
     try:
         job(FLAGS.config, FLAGS.workdir, **kwargs)
     except (run_lib.TrainingDivergedError, run_lib.EvaluationError, run_lib.WorkdirConfigError,

@@ -34,11 +34,9 @@ import jax
 import numpy as np
 from clu import metric_writers
 
-import losses
-import sde_lib
 from models import utils as mutils
 from score_sde import checkpoints, datasets, eval_checks, eval_job, eval_records, inception, parallel, reporting
-from score_sde import sample_job, sample_plots
+from score_sde import sample_job, sample_plots, train_programs
 from score_sde.eval_checks import EvaluationError
 from score_sde.sample_job import SamplingError
 from score_sde.train_checkpoints import (TrainingDivergedError, all_finite, checkpoint_state, divergence_error,
@@ -91,7 +89,7 @@ def write_samples(samples: np.ndarray, sample_dir: str, step: int) -> str:
 # Training
 # ---------------------------------------------------------------------------------------------
 
-def train(config, workdir: str):
+def train(config, workdir: str, programs: train_programs.TrainPrograms | None = None):
     """Train the score model of ``config``, resuming from the newest checkpoint of ``workdir`` if any.
 
     Order of work: the config is compared with the workdir's ``config.json``
@@ -100,7 +98,10 @@ def train(config, workdir: str):
     model is initialised and the newest readable checkpoint of ``checkpoints-meta/`` and
     ``checkpoints/`` restored (by step, see :func:`~score_sde.train_checkpoints.resume_candidates`),
     ``config.optim.lr`` and ``config.model.ema_rate`` replace the checkpoint's, and the config is
-    recorded (:func:`save_config`).
+    recorded (:func:`save_config`). The model's initialisation and the train step compile in worker
+    threads (:class:`~score_sde.train_programs.TrainPrograms`) while the State is restored; ``programs``,
+    if given, started that earlier (``main.py`` does, for data sets that are always present, before it
+    imports TensorFlow).
 
     Every ``training.n_jitted_steps`` steps run as one pmapped call (:func:`fuse_steps`). After a
     call that ends at step ``s``: the loss is logged when ``s % log_freq == 0``; a meta
@@ -129,7 +130,7 @@ def train(config, workdir: str):
         os.makedirs(d, exist_ok=True)
     log_handler = reporting.add_log_file(os.path.join(workdir, "stdout.txt")) if parallel.is_main_process() else None
     try:
-        return _train(config, workdir, changes, sample_dir, tb_dir, checkpoint_dir, checkpoint_meta_dir)
+        return _train(config, workdir, changes, sample_dir, tb_dir, checkpoint_dir, checkpoint_meta_dir, programs)
     except (TrainingDivergedError, datasets.DatasetUnavailableError, checkpoints.CorruptCheckpointError,
             OSError) as err:
         if log_handler is not None:  # the file only: the caller reports it on the console
@@ -142,7 +143,7 @@ def train(config, workdir: str):
             log_handler.close()
 
 
-def _train(config, workdir, changes, sample_dir, tb_dir, checkpoint_dir, checkpoint_meta_dir):
+def _train(config, workdir, changes, sample_dir, tb_dir, checkpoint_dir, checkpoint_meta_dir, programs):
     is_main = parallel.is_main_process()
     if is_main:
         for field, (old, new) in changes.items():
@@ -159,15 +160,16 @@ def _train(config, workdir, changes, sample_dir, tb_dir, checkpoint_dir, checkpo
 
     # Model, optimizer and state; resume from the newest checkpoint, meta or numbered (a workdir
     # of the original code's released runs has numbered ones only).
-    model, state = losses.init_train_state(jax.random.PRNGKey(config.seed), config)
+    programs = programs or train_programs.TrainPrograms(config)
+    model, sde, sampling_eps = programs.model, programs.sde, programs.sampling_eps
+    state = programs.initial_state(jax.random.PRNGKey(config.seed))
     state = use_config_rates(restore_newest(state, checkpoint_meta_dir, checkpoint_dir), config)
     initial_step = int(state.step)
     rng = state.rng
     save_config(config, workdir, initial_step, changes)
     writer = metric_writers.create_default_writer(tb_dir, just_logging=not is_main)
 
-    sde, sampling_eps = sde_lib.get_sde(config)
-    p_train_step, p_eval_step = make_train_and_eval_steps(config, sde, model)
+    p_eval_step = programs.p_eval_step
     sampling_fn = None
     if config.training.snapshot_sampling:
         import sampling  # noqa: PLC0415 (only needed with snapshot sampling)
@@ -180,6 +182,7 @@ def _train(config, workdir, changes, sample_dir, tb_dir, checkpoint_dir, checkpo
 
     num_params = sum(int(np.size(x)) for x in jax.tree_util.tree_leaves(state.params))
     pstate = parallel.replicate(state)
+    p_train_step = programs.train_step()
     del state
     num_train_steps = config.training.n_iters
     if is_main:

@@ -134,22 +134,44 @@ def create_model(config):
     return get_model(config.model.name)(config=config)
 
 
-def init_model(rng: jax.Array, config):
+def init_inputs(rng: jax.Array, config) -> tuple[dict, jax.Array, jax.Array]:
+    """The arguments of :func:`jitted_init`: ``(rngs, x, labels)``, a zero image ``(1, H, W, C)`` and label ``(1,)``.
+
+    ``rngs`` is ``{'params', 'dropout'}``, the two halves of ``jax.random.split(rng)``.
+    """
+    params_rng, dropout_rng = jax.random.split(rng)
+    fake_input = jnp.zeros(model_input_shape(config))
+    fake_label = jnp.zeros((1,), dtype=jnp.int32)
+    return {"params": params_rng, "dropout": dropout_rng}, fake_input, fake_label
+
+
+def jitted_init(model) -> Callable:
+    """``model.init`` in evaluation mode as one jitted program, called with :func:`init_inputs`.
+
+    Compiled as one program: run op by op, every initializer of every distinct shape compiles
+    on its own (minutes on a CPU for a model of ~50 convolutions). Callers that compile it ahead
+    (``score_sde.train_programs``) pass the same function object to :func:`init_model`, whose call
+    then reuses the program JAX holds in memory.
+    """
+    return jax.jit(functools.partial(model.init, train=False))
+
+
+def init_model(rng: jax.Array, config, *, model=None, init_fn: Callable | None = None):
     """Create and initialise the model of ``config``.
+
+    Args:
+        rng: the initialisation key (split by :func:`init_inputs`).
+        config: the run's config.
+        model: the module of ``config`` if already created (:func:`create_model`).
+        init_fn: :func:`jitted_init` of ``model`` if already made (and maybe compiled).
 
     Returns:
         ``(model, init_model_state, initial_params)``: the Flax module, its non-parameter
         collections (a dict, usually empty) and its parameter tree.
     """
-    model = create_model(config)
-    fake_input = jnp.zeros(model_input_shape(config))
-    fake_label = jnp.zeros((1,), dtype=jnp.int32)
-    params_rng, dropout_rng = jax.random.split(rng)
-    # Compiled as one program: run op by op, every initializer of every distinct shape compiles
-    # on its own (minutes on a CPU for a model of ~50 convolutions).
-    init = jax.jit(functools.partial(model.init, train=False))
-    variables = init({"params": params_rng, "dropout": dropout_rng}, fake_input, fake_label)
-    variables = flax.core.unfreeze(variables)
+    model = model if model is not None else create_model(config)
+    init_fn = init_fn if init_fn is not None else jitted_init(model)
+    variables = flax.core.unfreeze(init_fn(*init_inputs(rng, config)))
     initial_params = variables.pop("params")
     return model, variables, initial_params
 

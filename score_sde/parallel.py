@@ -103,9 +103,30 @@ def replicate(tree: Any) -> Any:
     # jax.device_put_replicated is removed in jax 0.10; this is its documented replacement. The
     # sharding is the one pmap gives its outputs (a mesh axis named like the collective axis):
     # with any other, the first call's inputs differ from later calls' and the step compiles twice.
-    devices = jax.local_devices()
-    sharding = jax.NamedSharding(jax.sharding.Mesh(np.array(devices), (AXIS_NAME,)), jax.P(AXIS_NAME))
-    return jax.tree_util.tree_map(lambda x: jax.device_put(np.stack([np.asarray(x)] * len(devices)), sharding), tree)
+    sharding = _replicated_sharding()
+    n = local_device_count()
+    return jax.tree_util.tree_map(lambda x: jax.device_put(np.stack([np.asarray(x)] * n), sharding), tree)
+
+
+def replicated_shapes(tree: Any) -> Any:
+    """What :func:`replicate` makes of a pytree of arrays or ``jax.ShapeDtypeStruct`` s, as ``ShapeDtypeStruct`` s.
+
+    The leading device axis, the canonical dtype (a Python scalar's ``float64`` becomes ``float32``, and no weak
+    type) and the sharding are those of :func:`replicate`'s arrays, so a function lowered for these shapes
+    (ahead of time, ``score_sde.train_programs``) is the one later called with the replicated arrays.
+    """
+    sharding = _replicated_sharding()
+    n = local_device_count()
+
+    def shape(x):
+        dtype = x.dtype if hasattr(x, "dtype") else np.asarray(x).dtype
+        return jax.ShapeDtypeStruct((n,) + tuple(np.shape(x)), jax.dtypes.canonicalize_dtype(dtype), sharding=sharding)
+
+    return jax.tree_util.tree_map(shape, tree)
+
+
+def _replicated_sharding() -> jax.sharding.Sharding:
+    return jax.NamedSharding(jax.sharding.Mesh(np.array(jax.local_devices()), (AXIS_NAME,)), jax.P(AXIS_NAME))
 
 
 def unreplicate(tree: Any) -> Any:

@@ -1,0 +1,118 @@
+"""A training run's two big programs, the model's initialisation and the train step, compiled in the background.
+
+Compiling (or, with a warm cache, loading) them is C++ work that leaves Python free. ``main.py --mode
+train`` traces and lowers both before it imports TensorFlow and builds the data pipeline, then hands
+them to two worker threads; ``run_lib.train`` waits for each only where it first runs it. Measured on
+the README's digits run: docs/performance.md, "Where a warm start's time goes".
+
+Nothing here imports TensorFlow. The programs are lowered for the shapes the run will call them
+with (:func:`models.utils.init_inputs`, :func:`score_sde.parallel.replicated_shapes`, the data
+pipeline's batch shape), so the first real call reuses what the worker compiled: the train step is
+compiled once per run (``tests/test_compile_count.py``).
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import functools
+import logging
+import os
+
+import jax
+import numpy as np
+
+import losses
+import sde_lib
+from models import utils as mutils
+from score_sde import parallel
+from score_sde.train_checkpoints import resume_candidates
+from score_sde.train_steps import make_train_and_eval_steps
+from score_sde.workdir_config import WorkdirConfigError, check_workdir_config
+
+# Data sets that are always present (shipped, or drawn from a formula), so a run on them cannot stop at
+# loading its data after the programs started compiling (a missing tfds set must stop first; run_lib.train).
+ALWAYS_AVAILABLE_DATASETS = frozenset({"DIGITS", "GMM"})
+
+
+def batch_shape(config) -> tuple[int, ...]:
+    """The train pipeline's batch of images: ``(local_devices, n_jitted_steps, batch // devices, H, W, C)``.
+
+    As ``score_sde.datasets.get_dataset(config, additional_dim=config.training.n_jitted_steps)`` makes it.
+    """
+    return (parallel.local_device_count(), config.training.n_jitted_steps,
+            config.training.batch_size // parallel.device_count(), config.data.image_size, config.data.image_size,
+            config.data.num_channels)
+
+
+def _compile_init(init_lowered):
+    return init_lowered.compile()
+
+
+def _compile_train_step(train_step_lowered):
+    return train_step_lowered.compile()
+
+
+class TrainPrograms:
+    """The model, SDE and pmapped steps of ``config``, with the init and train step compiling in worker threads.
+
+    Attributes:
+        model: the Flax module (:func:`models.utils.create_model`).
+        sde, sampling_eps: :func:`sde_lib.get_sde` of the config.
+        p_eval_step: the pmapped eval step (compiled at its first call, as before).
+
+    Use :meth:`initial_state` for the fresh State and :meth:`train_step` for the pmapped train step;
+    each waits for its program. A compilation error is raised there, in the calling thread.
+    """
+
+    def __init__(self, config):
+        self.config = config
+        self.model = mutils.create_model(config)
+        self._init_fn = mutils.jitted_init(self.model)
+        self.sde, self.sampling_eps = sde_lib.get_sde(config)
+        self._p_train_step, self.p_eval_step = make_train_and_eval_steps(config, self.sde, self.model)
+        rng = jax.eval_shape(jax.random.PRNGKey, 0)
+        self._workers = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="compile")
+        init_lowered = self._init_fn.lower(*jax.eval_shape(functools.partial(mutils.init_inputs, config=config), rng))
+        self._init = self._workers.submit(_compile_init, init_lowered)
+        # The State's shapes trace the init (already traced above, so JAX reuses that trace) and the optimizer.
+        state = jax.eval_shape(lambda r: losses.init_train_state(r, config, model=self.model, init_fn=self._init_fn)[1],
+                               rng)
+        self._train_step = None
+        # Several processes: pmap lowers host-local arrays, not shapes (jax 0.10.2 fails on them), so the train
+        # step compiles at its first call there, as it always did.
+        if parallel.process_count() == 1:
+            keys = jax.eval_shape(parallel.split_per_device, rng)[1]
+            batch = {"image": jax.ShapeDtypeStruct(batch_shape(config), np.float32)}
+            train_step_lowered = self._p_train_step.lower((keys, parallel.replicated_shapes(state)), batch)
+            self._train_step = self._workers.submit(_compile_train_step, train_step_lowered)
+        self._workers.shutdown(wait=False)
+
+    def initial_state(self, rng: jax.Array):
+        """The fresh training State of :func:`losses.init_train_state` for ``rng``, once the init has compiled."""
+        self._init.result()
+        return losses.init_train_state(rng, self.config, model=self.model, init_fn=self._init_fn)[1]
+
+    def train_step(self):
+        """The pmapped train step (:func:`score_sde.train_steps.make_train_and_eval_steps`), once compiled."""
+        if self._train_step is not None:
+            self._train_step.result()
+        return self._p_train_step
+
+
+def start_before_data(config, workdir: str) -> TrainPrograms | None:
+    """:class:`TrainPrograms` for ``main.py --mode train``, or None where the job must check its data first.
+
+    None (``run_lib.train`` then starts them itself, after loading the data) unless the data set is one
+    of :data:`ALWAYS_AVAILABLE_DATASETS`, the workdir accepts the config and the workdir can be created:
+    a refused config or an unwritable workdir stops the job in ``run_lib.train`` before anything compiles.
+    """
+    if config.data.dataset not in ALWAYS_AVAILABLE_DATASETS:
+        return None
+    has_checkpoints = bool(resume_candidates(os.path.join(workdir, "checkpoints-meta"),
+                                             os.path.join(workdir, "checkpoints")))
+    try:
+        check_workdir_config(config, workdir, has_checkpoints)
+        os.makedirs(workdir, exist_ok=True)  # as run_lib.train does next
+    except (WorkdirConfigError, OSError):
+        return None
+    logging.info("Compiling the model's initialisation and train step in the background while the data load.")
+    return TrainPrograms(config)

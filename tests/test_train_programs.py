@@ -1,0 +1,46 @@
+"""score_sde/train_programs.py: the init and train step compiled in worker threads, started early only where safe.
+
+That the train step so compiled is the one the run calls (nothing compiled at its first call) is checked by
+tests/test_compile_count.py over a whole training run.
+"""
+from __future__ import annotations
+
+import jax
+import numpy as np
+
+import losses
+from configs.vp import cifar10_ddpmpp_continuous
+from score_sde import checkpoints, train_programs
+from score_sde.workdir_config import save_config
+from tests.test_train import tiny_config
+
+
+def test_initial_state_is_the_plain_initialisation_and_the_batch_shape_the_pipelines(tmp_path):
+    config = tiny_config(training__n_jitted_steps=2)
+    programs = train_programs.start_before_data(config, str(tmp_path / "new"))
+    assert isinstance(programs, train_programs.TrainPrograms)
+    rng = jax.random.PRNGKey(config.seed + 3)
+    state = programs.initial_state(rng)
+    expected = losses.init_train_state(rng, config)[1]
+    leaves, tree = jax.tree_util.tree_flatten(state)
+    expected_leaves, expected_tree = jax.tree_util.tree_flatten(expected)
+    assert tree == expected_tree
+    for leaf, expected_leaf in zip(leaves, expected_leaves):
+        np.testing.assert_array_equal(np.asarray(leaf), np.asarray(expected_leaf))
+    assert callable(programs.train_step())
+    # (local devices, fused steps, per-device batch, H, W, C), as datasets.get_dataset batches the train split.
+    assert train_programs.batch_shape(config) == (1, 2, config.training.batch_size, 8, 8, 1)
+
+
+def test_no_early_start_where_the_job_must_stop_first(tmp_path):
+    # Data that may be missing: the job checks them before it builds anything.
+    assert train_programs.start_before_data(cifar10_ddpmpp_continuous.get_config(), str(tmp_path / "c10")) is None
+    # A workdir whose checkpoints were trained with another config: run_lib.train refuses it.
+    workdir = tmp_path / "other"
+    workdir.mkdir()
+    save_config(tiny_config(model__nf=16), str(workdir))
+    checkpoints.save_checkpoint(str(workdir / "checkpoints-meta"), {"step": 2}, step=1)
+    assert train_programs.start_before_data(tiny_config(), str(workdir)) is None
+    # A workdir that cannot be created (its parent is a file).
+    (tmp_path / "file").write_text("")
+    assert train_programs.start_before_data(tiny_config(), str(tmp_path / "file" / "w")) is None
