@@ -98,9 +98,9 @@ def train(config, workdir: str, programs: train_programs.TrainPrograms | None = 
     model is initialised and the newest readable checkpoint of ``checkpoints-meta/`` and
     ``checkpoints/`` restored (by step, see :func:`~score_sde.train_checkpoints.resume_candidates`),
     ``config.optim.lr`` and ``config.model.ema_rate`` replace the checkpoint's, and the config is
-    recorded (:func:`save_config`). The model's initialisation and the train step compile in worker
-    threads (:class:`~score_sde.train_programs.TrainPrograms`) while the State is restored; ``programs``,
-    if given, started that earlier (``main.py`` does, for data sets that are always present, before it
+    recorded (:func:`save_config`). The model's initialisation and, once the State is restored, the train
+    step compile in worker threads (:class:`~score_sde.train_programs.TrainPrograms`); ``programs``, if
+    given, started both earlier (``main.py`` does, for data sets that are always present, before it
     imports TensorFlow).
 
     Every ``training.n_jitted_steps`` steps run as one pmapped call (:func:`fuse_steps`). After a
@@ -164,6 +164,7 @@ def _train(config, workdir, changes, sample_dir, tb_dir, checkpoint_dir, checkpo
     model, sde, sampling_eps = programs.model, programs.sde, programs.sampling_eps
     state = programs.initial_state(jax.random.PRNGKey(config.seed))
     state = use_config_rates(restore_newest(state, checkpoint_meta_dir, checkpoint_dir), config)
+    programs.start_train_step()
     initial_step = int(state.step)
     rng = state.rng
     save_config(config, workdir, initial_step, changes)

@@ -3,7 +3,9 @@
 Compiling (or, with a warm cache, loading) them is C++ work that leaves Python free. ``main.py --mode
 train`` traces and lowers both before it imports TensorFlow and builds the data pipeline, then hands
 them to two worker threads; ``run_lib.train`` waits for each only where it first runs it. Measured on
-the README's digits run: docs/performance.md, "Where a warm start's time goes".
+the README's digits run: docs/performance.md, "Compiling in the background while TensorFlow imports".
+A job that stops with an error exits once the compilations under way are done (they cannot be
+cancelled); ``run_lib.train`` therefore starts the train step only after the checkpoint is restored.
 
 Nothing here imports TensorFlow. The programs are lowered for the shapes the run will call them
 with (:func:`models.utils.init_inputs`, :func:`score_sde.parallel.replicated_shapes`, the data
@@ -51,8 +53,24 @@ def _compile_train_step(train_step_lowered):
     return train_step_lowered.compile()
 
 
+def _in_worker(compile_fn, lowered) -> concurrent.futures.Future:
+    """``compile_fn(lowered)`` in a worker thread of its own.
+
+    Not a daemon thread: a process that ends while XLA compiles in a daemon thread aborts (measured: SIGABRT at
+    exit), so a job that stops with an error exits once its running compilations are done.
+    """
+    worker = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="compile")
+    future = worker.submit(compile_fn, lowered)
+    worker.shutdown(wait=False)
+    return future
+
+
 class TrainPrograms:
     """The model, SDE and pmapped steps of ``config``, with the init and train step compiling in worker threads.
+
+    The init starts compiling at once; the train step when :meth:`start_train_step` is called (``run_lib.train``
+    calls it once the State is restored, so a damaged checkpoint stops the job without waiting for it;
+    :func:`start_before_data` at once).
 
     Attributes:
         model: the Flax module (:func:`models.utils.create_model`).
@@ -69,22 +87,27 @@ class TrainPrograms:
         self._init_fn = mutils.jitted_init(self.model)
         self.sde, self.sampling_eps = sde_lib.get_sde(config)
         self._p_train_step, self.p_eval_step = make_train_and_eval_steps(config, self.sde, self.model)
-        rng = jax.eval_shape(jax.random.PRNGKey, 0)
-        self._workers = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="compile")
-        init_lowered = self._init_fn.lower(*jax.eval_shape(functools.partial(mutils.init_inputs, config=config), rng))
-        self._init = self._workers.submit(_compile_init, init_lowered)
-        # The State's shapes trace the init (already traced above, so JAX reuses that trace) and the optimizer.
-        state = jax.eval_shape(lambda r: losses.init_train_state(r, config, model=self.model, init_fn=self._init_fn)[1],
-                               rng)
+        self._rng = jax.eval_shape(jax.random.PRNGKey, 0)
+        init_lowered = self._init_fn.lower(*jax.eval_shape(functools.partial(mutils.init_inputs, config=config),
+                                                           self._rng))
+        self._init = _in_worker(_compile_init, init_lowered)
         self._train_step = None
-        # Several processes: pmap lowers host-local arrays, not shapes (jax 0.10.2 fails on them), so the train
-        # step compiles at its first call there, as it always did.
-        if parallel.process_count() == 1:
-            keys = jax.eval_shape(parallel.split_per_device, rng)[1]
-            batch = {"image": jax.ShapeDtypeStruct(batch_shape(config), np.float32)}
-            train_step_lowered = self._p_train_step.lower((keys, parallel.replicated_shapes(state)), batch)
-            self._train_step = self._workers.submit(_compile_train_step, train_step_lowered)
-        self._workers.shutdown(wait=False)
+
+    def start_train_step(self) -> None:
+        """Lower the train step for the run's shapes and start compiling it (once; later calls do nothing).
+
+        Several processes: pmap lowers host-local arrays, not shapes (jax 0.10.2 fails on them), so there the
+        train step compiles at its first call, as it always did.
+        """
+        if self._train_step is not None or parallel.process_count() > 1:
+            return
+        # The State's shapes trace the init (already traced, so JAX reuses that trace) and the optimizer.
+        state = jax.eval_shape(
+            lambda r: losses.init_train_state(r, self.config, model=self.model, init_fn=self._init_fn)[1], self._rng)
+        keys = jax.eval_shape(parallel.split_per_device, self._rng)[1]
+        batch = {"image": jax.ShapeDtypeStruct(batch_shape(self.config), np.float32)}
+        train_step_lowered = self._p_train_step.lower((keys, parallel.replicated_shapes(state)), batch)
+        self._train_step = _in_worker(_compile_train_step, train_step_lowered)
 
     def initial_state(self, rng: jax.Array):
         """The fresh training State of :func:`losses.init_train_state` for ``rng``, once the init has compiled."""
@@ -115,4 +138,6 @@ def start_before_data(config, workdir: str) -> TrainPrograms | None:
     except (WorkdirConfigError, OSError):
         return None
     logging.info("Compiling the model's initialisation and train step in the background while the data load.")
-    return TrainPrograms(config)
+    programs = TrainPrograms(config)
+    programs.start_train_step()
+    return programs

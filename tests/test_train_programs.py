@@ -5,13 +5,18 @@ tests/test_compile_count.py over a whole training run.
 """
 from __future__ import annotations
 
+import pathlib
+
 import jax
 import numpy as np
+import pytest
 
 import losses
+import run_lib
 from configs.vp import cifar10_ddpmpp_continuous
 from score_sde import checkpoints, train_programs
 from score_sde.workdir_config import save_config
+from tests.test_compile_count import counting_compiles
 from tests.test_train import tiny_config
 
 
@@ -44,3 +49,19 @@ def test_no_early_start_where_the_job_must_stop_first(tmp_path):
     # A workdir that cannot be created (its parent is a file).
     (tmp_path / "file").write_text("")
     assert train_programs.start_before_data(tiny_config(), str(tmp_path / "file" / "w")) is None
+
+
+def test_run_lib_compiles_no_train_step_when_the_checkpoint_is_damaged(tmp_path, monkeypatch):
+    """The train step starts compiling only after the State is restored: a job stopped by a damaged checkpoint
+    does not wait for a compilation it will never use (a worker's compilation cannot be cancelled)."""
+    started = []
+    start = train_programs.TrainPrograms.start_train_step
+    monkeypatch.setattr(train_programs.TrainPrograms, "start_train_step",
+                        lambda self: started.append(True) or start(self))
+    workdir = tmp_path / "run"
+    path = pathlib.Path(checkpoints.save_checkpoint(str(workdir / "checkpoints-meta"), {"step": 2}, step=1))
+    path.write_bytes(path.read_bytes()[:10])
+    with counting_compiles() as compiles, pytest.raises(checkpoints.CorruptCheckpointError):
+        run_lib.train(tiny_config(), str(workdir))
+    assert started == []
+    assert [c.name for c in compiles if c.name == "jit(init)"] == ["jit(init)"]  # the init did compile
