@@ -45,6 +45,8 @@ def batch_shape(config) -> tuple[int, ...]:
             config.data.num_channels)
 
 
+# Two named functions, not one: a compilation is attributed to the function that asks for it (the listener of
+# tests/test_compile_count.py reads the worker's stack), so the init and the train step stay told apart.
 def _compile_init(init_lowered):
     return init_lowered.compile()
 
