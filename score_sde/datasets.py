@@ -434,11 +434,7 @@ def get_dataset(config, additional_dim: int | None = None, uniform_dequantizatio
         field = "config.eval.batch_size" if evaluation else "config.training.batch_size"
         raise ValueError(f"{field} = {batch_size} is not divisible by the number of devices ({n_devices}); "
                          f"use a multiple of {n_devices}.")
-    per_device_batch_size = batch_size // n_devices
-    batch_dims = [parallel.local_device_count()]
-    if additional_dim is not None:
-        batch_dims.append(additional_dim)
-    batch_dims.append(per_device_batch_size)
+    batch_dims = parallel.batch_dims(batch_size, additional_dim)
     num_epochs = 1 if evaluation else None
     resolution = config.data.image_size
     dataset = config.data.dataset

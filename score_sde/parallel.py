@@ -150,6 +150,13 @@ def unreplicate_to_host(tree: Any) -> Any:
     return jax.tree_util.tree_map(first, tree)
 
 
+def batch_dims(batch_size: int, additional_dim: int | None = None) -> list[int]:
+    """The leading axes of a global batch of ``batch_size`` on this host: ``[local_devices, [additional_dim,]
+    batch_size // device_count()]`` (the data pipelines batch this way; the caller checks divisibility)."""
+    dims = [local_device_count()] + ([additional_dim] if additional_dim is not None else [])
+    return dims + [batch_size // device_count()]
+
+
 def shard(batch: Any) -> Any:
     """Reshape arrays ``(global_local_batch, ...)`` to ``(local_devices, per_device, ...)``."""
     n = local_device_count()

@@ -40,9 +40,8 @@ def batch_shape(config) -> tuple[int, ...]:
 
     As ``score_sde.datasets.get_dataset(config, additional_dim=config.training.n_jitted_steps)`` makes it.
     """
-    return (parallel.local_device_count(), config.training.n_jitted_steps,
-            config.training.batch_size // parallel.device_count(), config.data.image_size, config.data.image_size,
-            config.data.num_channels)
+    return (*parallel.batch_dims(config.training.batch_size, config.training.n_jitted_steps),
+            config.data.image_size, config.data.image_size, config.data.num_channels)
 
 
 # Two named functions, not one: a compilation is attributed to the function that asks for it (the listener of
