@@ -17,6 +17,7 @@ which the cache does not change; the difference between rows is compilation.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import signal
 import subprocess
@@ -28,15 +29,30 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIRST_STEP_MARK = "training_loss"
 
 
+def steps_per_call(config: str, extra: list[str]) -> int:
+    """``config.training.n_jitted_steps`` of the config file ``config`` with the overrides in ``extra``: the step at
+    which the run first logs when ``log_freq`` is set to it (one call of the train step)."""
+    for i, flag in enumerate(extra):
+        if flag.startswith("--config.training.n_jitted_steps="):
+            return int(flag.split("=", 1)[1])
+        if flag == "--config.training.n_jitted_steps" and i + 1 < len(extra):
+            return int(extra[i + 1])
+    spec = importlib.util.spec_from_file_location("startup_config", os.path.join(ROOT, config))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return int(module.get_config().training.n_jitted_steps)
+
+
 def seconds_to_first_step(config: str, workdir: str, cache_dir: str, extra: list[str], timeout: float) -> float:
     """Start main.py, wait for the first logged training step in ``workdir/stdout.txt``, kill -9; seconds elapsed."""
+    first_step = steps_per_call(config, extra)
     log = os.path.join(workdir, "stdout.txt")
     start_size = os.path.getsize(log) if os.path.exists(log) else 0
     env = dict(os.environ)
     env.pop("JAX_COMPILATION_CACHE_DIR", None)
     cmd = [sys.executable, "main.py", "--config", config, "--workdir", workdir, "--mode", "train",
-           f"--jax_cache_dir={cache_dir}", "--config.training.log_freq=5",
-           "--config.training.snapshot_freq_for_preemption=5", *extra]
+           f"--jax_cache_dir={cache_dir}", f"--config.training.log_freq={first_step}",
+           f"--config.training.snapshot_freq_for_preemption={first_step}", *extra]
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
@@ -84,8 +100,8 @@ def main() -> None:
         for name, workdir, cache_dir in rows:
             times[name] = seconds_to_first_step(args.config, workdir, cache_dir, extra, args.timeout)
             print(f"  {name:34s} {times[name]:7.1f} s", flush=True)
-        print(f"  warm / cold: {times['warm cache'] / times['cold cache']:.2f}; resume warm / resume without cache: "
-              f"{times['resume after kill -9, warm cache'] / times['resume after kill -9, no cache']:.2f}")
+        print(f"  cold / warm: {times['cold cache'] / times['warm cache']:.2f}x; resume without cache / resume warm: "
+              f"{times['resume after kill -9, no cache'] / times['resume after kill -9, warm cache']:.2f}x")
 
 
 if __name__ == "__main__":

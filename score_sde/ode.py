@@ -54,13 +54,13 @@ with Dopri5 against 38. On the golden Gaussians (1e-5, max norm) its accuracy wa
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
-from scipy import integrate
 
 SOLVERS = ("jax", "scipy")
 DEFAULT_SOLVER = "jax"
@@ -113,19 +113,25 @@ def _tableau_from_scipy(cls) -> _Tableau:
                     error_order=cls.error_estimator_order)
 
 
-_TABLEAUS = {
-    "bosh3": _tableau_from_scipy(integrate.RK23),
-    "dopri5": _tableau_from_scipy(integrate.RK45),
-    "dop853": _tableau_from_scipy(integrate.DOP853),
-}
+# Our name of each pair -> the scipy.integrate class holding its tableau.
+_SCIPY_CLASSES = {"bosh3": "RK23", "dopri5": "RK45", "dop853": "DOP853"}
 # scipy's names for the same pairs.
 _JAX_ALIASES = {"RK23": "bosh3", "RK45": "dopri5", "DOP853": "dop853"}
-JAX_METHODS = tuple(_TABLEAUS) + tuple(_JAX_ALIASES)
+JAX_METHODS = tuple(_SCIPY_CLASSES) + tuple(_JAX_ALIASES)
+
+
+@functools.cache
+def _tableau(name: str) -> _Tableau:
+    """The tableau of one of :data:`_SCIPY_CLASSES`, read once. scipy.integrate is imported here, not at module
+    level, because importing it takes ~0.35 s and every job imports this module (through sampling)."""
+    from scipy import integrate  # noqa: PLC0415
+
+    return _tableau_from_scipy(getattr(integrate, _SCIPY_CLASSES[name]))
 
 
 def _jax_method(method: str) -> str:
     name = _JAX_ALIASES.get(method, method)
-    if name not in _TABLEAUS:
+    if name not in _SCIPY_CLASSES:
         raise ValueError(f"Unknown method {method!r} for the JAX ODE solver; choose one of {list(JAX_METHODS)} "
                          f"(or solver='scipy' for any scipy.integrate.solve_ivp method).")
     return name
@@ -161,6 +167,8 @@ def solve_scipy(fn: Callable[[float, Any], Any], y0: Any, t0: float, t1: float, 
         ``(y1, nfe)``: the state at ``t1`` (same structure, shapes and dtypes as ``y0``) and the
         number of evaluations of ``fn`` (``solution.nfev``).
     """
+    from scipy import integrate  # noqa: PLC0415 (see _tableau)
+
     leaves, treedef = jax.tree_util.tree_flatten(y0)
     shapes = [np.shape(leaf) for leaf in leaves]
     dtypes = [jnp.asarray(leaf).dtype for leaf in leaves]
@@ -235,7 +243,7 @@ def solve_jax(fn: Callable[[jax.Array, Any], Any], y0: Any, t0, t1, *, rtol: flo
         size falls below 10 ulp of t), every leaf of ``y1`` is NaN: callers outside ``jit`` should
         check ``jnp.isfinite`` and report (see :func:`check_finite`).
     """
-    tab = _TABLEAUS[_jax_method(method)]
+    tab = _tableau(_jax_method(method))
     if norm not in ("rms", "max"):
         raise ValueError(f"norm={norm!r}; choose 'rms' (scipy's) or 'max'.")
     flat0, unravel = ravel_pytree(y0)
