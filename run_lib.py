@@ -94,13 +94,14 @@ def train(config, workdir: str, programs: train_programs.TrainPrograms | None = 
 
     Order of work: the config is compared with the workdir's ``config.json``
     (:func:`check_workdir_config`: a refused change stops here, nothing written); then the log
-    file is opened, the data are loaded (a missing data set stops before the model is built), the
-    model is initialised and the newest readable checkpoint of ``checkpoints-meta/`` and
-    ``checkpoints/`` restored (by step, see :func:`~score_sde.train_checkpoints.resume_candidates`),
+    file is opened, the data are loaded (a missing data set stops before the model is built), then
+    the newest readable checkpoint of ``checkpoints-meta/`` and ``checkpoints/`` is restored (by step,
+    see :func:`~score_sde.train_checkpoints.resume_candidates`; into a State of zeros, so a resumed run
+    never compiles or runs the model's initialisation) or, without one, the model is initialised;
     ``config.optim.lr`` and ``config.model.ema_rate`` replace the checkpoint's, and the config is
     recorded (:func:`save_config`). The model's initialisation and, once the State is restored, the train
     step compile in worker threads (:class:`~score_sde.train_programs.TrainPrograms`); ``programs``, if
-    given, started both earlier (``main.py`` does, for data sets that are always present, before it
+    given, started them earlier (``main.py`` does, for data sets that are always present, before it
     imports TensorFlow).
 
     Every ``training.n_jitted_steps`` steps run as one pmapped call (:func:`fuse_steps`). After a
@@ -160,10 +161,14 @@ def _train(config, workdir, changes, sample_dir, tb_dir, checkpoint_dir, checkpo
 
     # Model, optimizer and state; resume from the newest checkpoint, meta or numbered (a workdir
     # of the original code's released runs has numbered ones only).
-    programs = programs or train_programs.TrainPrograms(config)
+    resuming = bool(resume_candidates(checkpoint_meta_dir, checkpoint_dir))
+    programs = programs or train_programs.TrainPrograms(config, start_init=not resuming)
     model, sde, sampling_eps = programs.model, programs.sde, programs.sampling_eps
-    state = programs.initial_state(jax.random.PRNGKey(config.seed))
-    state = use_config_rates(restore_newest(state, checkpoint_meta_dir, checkpoint_dir), config)
+    if resuming:  # every value comes from the checkpoint (or every one is damaged: raised), so no init runs
+        state = restore_newest(programs.state_template(), checkpoint_meta_dir, checkpoint_dir)
+    else:
+        state = programs.initial_state(jax.random.PRNGKey(config.seed))
+    state = use_config_rates(state, config)
     programs.start_train_step()
     initial_step = int(state.step)
     rng = state.rng

@@ -69,9 +69,10 @@ def _in_worker(compile_fn, lowered) -> concurrent.futures.Future:
 class TrainPrograms:
     """The model, SDE and pmapped steps of ``config``, with the init and train step compiling in worker threads.
 
-    The init starts compiling at once; the train step when :meth:`start_train_step` is called (``run_lib.train``
-    calls it once the State is restored, so a damaged checkpoint stops the job without waiting for it;
-    :func:`start_before_data` at once).
+    The init starts compiling at once, or with ``start_init=False`` at :meth:`start_init` or :meth:`initial_state`
+    (a resumed run restores into :meth:`state_template` and never needs it); the train step when
+    :meth:`start_train_step` is called (``run_lib.train`` calls it once the State is restored, so a damaged
+    checkpoint stops the job without waiting for it; :func:`start_before_data` at once).
 
     Attributes:
         model: the Flax module (:func:`models.utils.create_model`).
@@ -82,17 +83,43 @@ class TrainPrograms:
     each waits for its program. A compilation error is raised there, in the calling thread.
     """
 
-    def __init__(self, config):
+    def __init__(self, config, start_init: bool = True):
         self.config = config
         self.model = mutils.create_model(config)
         self._init_fn = mutils.jitted_init(self.model)
         self.sde, self.sampling_eps = sde_lib.get_sde(config)
         self._p_train_step, self.p_eval_step = make_train_and_eval_steps(config, self.sde, self.model)
         self._rng = jax.eval_shape(jax.random.PRNGKey, 0)
-        init_lowered = self._init_fn.lower(*jax.eval_shape(functools.partial(mutils.init_inputs, config=config),
+        self._init = None
+        self._train_step = None
+        self._state_shapes = None
+        if start_init:
+            self.start_init()
+
+    def start_init(self) -> None:
+        """Lower the model's initialisation and start compiling it (once; later calls do nothing)."""
+        if self._init is not None:
+            return
+        init_lowered = self._init_fn.lower(*jax.eval_shape(functools.partial(mutils.init_inputs, config=self.config),
                                                            self._rng))
         self._init = _in_worker(_compile_init, init_lowered)
-        self._train_step = None
+
+    def state_shapes(self):
+        """The State's structure, shapes and dtypes (``jax.ShapeDtypeStruct`` leaves); traced once, never run."""
+        if self._state_shapes is None:
+            # Traces the init (JAX keeps the trace for start_init, or reuses its) and the optimizer's init.
+            self._state_shapes = jax.eval_shape(
+                lambda r: losses.init_train_state(r, self.config, model=self.model, init_fn=self._init_fn)[1],
+                self._rng)
+        return self._state_shapes
+
+    def state_template(self):
+        """A State of zeros shaped like :meth:`initial_state`'s, to restore a checkpoint into.
+
+        A checkpoint gives every value of the State (ours and the original's alike), so a resumed run needs
+        the shapes only, and the init is then never compiled or run.
+        """
+        return jax.tree_util.tree_map(lambda s: np.zeros(s.shape, s.dtype), self.state_shapes())
 
     def start_train_step(self) -> None:
         """Lower the train step for the run's shapes and start compiling it (once; later calls do nothing).
@@ -102,9 +129,7 @@ class TrainPrograms:
         """
         if self._train_step is not None or parallel.process_count() > 1:
             return
-        # The State's shapes trace the init (already traced, so JAX reuses that trace) and the optimizer.
-        state = jax.eval_shape(
-            lambda r: losses.init_train_state(r, self.config, model=self.model, init_fn=self._init_fn)[1], self._rng)
+        state = self.state_shapes()
         keys = jax.eval_shape(parallel.split_per_device, self._rng)[1]
         batch = {"image": jax.ShapeDtypeStruct(batch_shape(self.config), np.float32)}
         train_step_lowered = self._p_train_step.lower((keys, parallel.replicated_shapes(state)), batch)
@@ -112,6 +137,7 @@ class TrainPrograms:
 
     def initial_state(self, rng: jax.Array):
         """The fresh training State of :func:`losses.init_train_state` for ``rng``, once the init has compiled."""
+        self.start_init()
         self._init.result()
         return losses.init_train_state(rng, self.config, model=self.model, init_fn=self._init_fn)[1]
 
@@ -139,6 +165,6 @@ def start_before_data(config, workdir: str) -> TrainPrograms | None:
     except (WorkdirConfigError, OSError):
         return None
     logging.info("Compiling the model's initialisation and train step in the background while the data load.")
-    programs = TrainPrograms(config)
+    programs = TrainPrograms(config, start_init=not has_checkpoints)
     programs.start_train_step()
     return programs

@@ -64,4 +64,20 @@ def test_run_lib_compiles_no_train_step_when_the_checkpoint_is_damaged(tmp_path,
     with counting_compiles() as compiles, pytest.raises(checkpoints.CorruptCheckpointError):
         run_lib.train(tiny_config(), str(workdir))
     assert started == []
-    assert [c.name for c in compiles if c.name == "jit(init)"] == ["jit(init)"]  # the init did compile
+    # Resuming restores into a State of zeros: the init is not compiled either.
+    assert [c.name for c in compiles if c.name == "jit(init)"] == []
+
+
+def test_a_resumed_run_never_compiles_the_init(tmp_path):
+    """Every value of a resumed State comes from its checkpoint, so the run restores into zeros of the State's
+    shapes and neither compiles nor runs the model's initialisation; it goes on from the checkpoint's step."""
+    workdir = str(tmp_path / "run")
+    config = tiny_config(training__n_iters=2, training__snapshot_freq_for_preemption=2)
+    first = run_lib.train(config, workdir)
+    config.training.n_iters = 4
+    with counting_compiles() as compiles:
+        programs = train_programs.start_before_data(config, workdir)
+        resumed = run_lib.train(config, workdir, programs=programs)
+    names = [c.name for c in compiles]
+    assert "jit(init)" not in names, names
+    assert int(resumed.step) == 4 and int(first.step) == 2
