@@ -1,8 +1,8 @@
 """Seconds from ``python main.py --mode train`` to its first training step: cold cache, warm cache, after kill -9.
 
-Runs the README's digits job (``configs/vp/digits.py``) three times, each until the first logged
-training step (``log_freq = n_jitted_steps``, a meta checkpoint after that step), then kills it
-with SIGKILL:
+Runs the README's digits job (``configs/vp/digits.py``) four times, each timed until the first logged
+training step (``log_freq = n_jitted_steps``), then killed with SIGKILL once the meta checkpoint
+written after that step is on disk:
 
 1. ``cold``: an empty compilation cache folder, a new workdir;
 2. ``warm``: the same cache folder, another new workdir (the programs come from the cache);
@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -43,8 +44,14 @@ def steps_per_call(config: str, extra: list[str]) -> int:
     return int(module.get_config().training.n_jitted_steps)
 
 
-def seconds_to_first_step(config: str, workdir: str, cache_dir: str, extra: list[str], timeout: float) -> float:
-    """Start main.py, wait for the first logged training step in ``workdir/stdout.txt``, kill -9; seconds elapsed."""
+def seconds_to_first_step(config: str, workdir: str, cache_dir: str, extra: list[str], timeout: float,
+                          resumes: bool = False) -> float:
+    """Start main.py, wait for the first logged training step in ``workdir/stdout.txt``; seconds elapsed.
+
+    The run is then killed with SIGKILL once its meta checkpoint of that step is on disk (written just after the
+    log line), so that the next run of the same workdir has something to resume from. ``resumes``: raise unless
+    this run resumed from such a checkpoint (it would otherwise time a fresh start).
+    """
     first_step = steps_per_call(config, extra)
     log = os.path.join(workdir, "stdout.txt")
     start_size = os.path.getsize(log) if os.path.exists(log) else 0
@@ -62,14 +69,32 @@ def seconds_to_first_step(config: str, workdir: str, cache_dir: str, extra: list
             if os.path.exists(log):
                 with open(log) as f:
                     f.seek(start_size)
-                    if FIRST_STEP_MARK in f.read():
-                        return time.perf_counter() - start
+                    new_lines = f.read()
+                if FIRST_STEP_MARK in new_lines:
+                    elapsed = time.perf_counter() - start
+                    if resumes and not re.search(r"Starting training loop at step [1-9]\d* ", new_lines):
+                        raise RuntimeError(f"main.py did not resume from a checkpoint in {workdir}.")
+                    _wait_for_meta_checkpoint(workdir, proc, timeout)
+                    return elapsed
             time.sleep(0.05)  # polling adds on average half of this to every row
         raise TimeoutError(f"no training step logged within {timeout} s: {' '.join(cmd)}")
     finally:
         if proc.poll() is None:
             proc.send_signal(signal.SIGKILL)
         proc.wait()
+
+
+def _wait_for_meta_checkpoint(workdir: str, proc: subprocess.Popen, timeout: float) -> None:
+    """Return once ``workdir/checkpoints-meta`` holds a checkpoint (files are renamed into place when complete)."""
+    folder = os.path.join(workdir, "checkpoints-meta")
+    deadline = time.perf_counter() + timeout
+    while time.perf_counter() < deadline:
+        if os.path.isdir(folder) and any(name.startswith("checkpoint_") for name in os.listdir(folder)):
+            return
+        if proc.poll() is not None:
+            raise RuntimeError(f"main.py exited with {proc.returncode} before its meta checkpoint was written.")
+        time.sleep(0.05)
+    raise TimeoutError(f"no meta checkpoint in {folder} within {timeout} s.")
 
 
 def main() -> None:
@@ -98,7 +123,8 @@ def main() -> None:
         print(f"{args.config} {' '.join(extra)}: seconds from launch to the first training step", flush=True)
         times = {}
         for name, workdir, cache_dir in rows:
-            times[name] = seconds_to_first_step(args.config, workdir, cache_dir, extra, args.timeout)
+            times[name] = seconds_to_first_step(args.config, workdir, cache_dir, extra, args.timeout,
+                                                resumes=name.startswith("resume"))
             print(f"  {name:34s} {times[name]:7.1f} s", flush=True)
         print(f"  cold / warm: {times['cold cache'] / times['warm cache']:.2f}x; resume without cache / resume warm: "
               f"{times['resume after kill -9, no cache'] / times['resume after kill -9, warm cache']:.2f}x")
