@@ -1,9 +1,10 @@
 """A training run's two big programs, the model's initialisation and the train step, compiled in the background.
 
 Compiling (or, with a warm cache, loading) them is C++ work that leaves Python free. ``main.py --mode
-train`` traces and lowers both before it imports TensorFlow and builds the data pipeline, then hands
-them to two worker threads; ``run_lib.train`` waits for each only where it first runs it. Measured on
-the README's digits run: docs/performance.md, "Compiling in the background while TensorFlow imports".
+train`` traces and lowers both before it imports TensorFlow and builds the data pipeline (the init only
+for a fresh run: a resumed one restores into a State of zeros), then hands them to two worker threads;
+``run_lib.train`` waits for each only where it first runs it. Measured on the README's digits run:
+docs/performance.md, "Compiling in the background while TensorFlow imports".
 A job that stops with an error exits once the compilations under way are done (they cannot be
 cancelled); ``run_lib.train`` therefore starts the train step only after the checkpoint is restored.
 
@@ -107,7 +108,7 @@ class TrainPrograms:
     def state_shapes(self):
         """The State's structure, shapes and dtypes (``jax.ShapeDtypeStruct`` leaves); traced once, never run."""
         if self._state_shapes is None:
-            # Traces the init (JAX keeps the trace for start_init, or reuses its) and the optimizer's init.
+            # Traces the init (start_init's lowering reuses this trace, or this reuses its) and the optimizer's.
             self._state_shapes = jax.eval_shape(
                 lambda r: losses.init_train_state(r, self.config, model=self.model, init_fn=self._init_fn)[1],
                 self._rng)

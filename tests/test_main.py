@@ -79,18 +79,19 @@ def test_write_samples_keeps_mixture_points_as_coordinates(tmp_path):
     assert plot.ndim == 3 and min(plot.shape[:2]) > 100 and np.ptp(plot) > 0
 
 
-@pytest.mark.slow
 def test_train_job_leaves_the_slow_optional_imports_out():
     """What main.py --mode train imports for the embedded data leaves out scipy.integrate (0.35 s; only the scipy ODE
     solver needs it) and tensorflow_datasets (0.25 s; only the tfds data sets): every start would pay for them."""
     code = ("import sys, main, run_lib, sampling, likelihood\n"
             "from score_sde import datasets, train_programs\n"
             "print([m for m in ('scipy.integrate', 'tensorflow_datasets') if m in sys.modules])")
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=_env(), capture_output=True, text=True,
+                         timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.strip().splitlines()[-1] == "[]"
 
 
+@pytest.mark.slow
 def test_main_job_writes_sample_grids_and_tensorboard_events(tmp_path):
     """The README's command, on a tiny network and few steps: PNG grids of 8×8 digits and event files."""
     from PIL import Image
