@@ -43,7 +43,13 @@ def eval_state_template(config, rng: jax.Array):
     """
     shapes = jax.eval_shape(lambda key: losses.init_train_state(key, config)[1], rng)
     model = mutils.float32_model(mutils.create_model(config))
-    return model, jax.tree_util.tree_map(lambda s: np.zeros(s.shape, s.dtype), shapes)
+    return model, zeros_like_shapes(shapes)
+
+
+def zeros_like_shapes(shapes: Any) -> Any:
+    """Host zeros with the structure, shapes and dtypes of ``shapes`` (a pytree of ``jax.ShapeDtypeStruct``, e.g.
+    a State from ``jax.eval_shape``): a template to restore a checkpoint into, which gives every value."""
+    return jax.tree_util.tree_map(lambda s: np.zeros(s.shape, s.dtype), shapes)
 
 
 def resume_candidates(checkpoint_meta_dir: str, checkpoint_dir: str) -> list[str]:

@@ -27,7 +27,7 @@ import losses
 import sde_lib
 from models import utils as mutils
 from score_sde import parallel
-from score_sde.train_checkpoints import resume_candidates
+from score_sde.train_checkpoints import resume_candidates, zeros_like_shapes
 from score_sde.train_steps import make_train_and_eval_steps
 from score_sde.workdir_config import WorkdirConfigError, check_workdir_config
 
@@ -120,7 +120,7 @@ class TrainPrograms:
         A checkpoint gives every value of the State (ours and the original's alike), so a resumed run needs
         the shapes only, and the init is then never compiled or run.
         """
-        return jax.tree_util.tree_map(lambda s: np.zeros(s.shape, s.dtype), self.state_shapes())
+        return zeros_like_shapes(self.state_shapes())
 
     def start_train_step(self) -> None:
         """Lower the train step for the run's shapes and start compiling it (once; later calls do nothing).
