@@ -1,0 +1,59 @@
+"""The project's XLA settings (score_sde/xla_defaults.py): added to $XLA_FLAGS on import, never over the user's."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+from score_sde import xla_defaults
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FLAG = "--xla_cpu_experimental_ynn_fusion_type"
+
+
+def test_the_flag_is_added_after_the_users_other_flags():
+    assert xla_defaults.with_defaults("") == f"{FLAG}=-individual_convolution"
+    assert xla_defaults.with_defaults(" --xla_force_host_platform_device_count=2 ") == (
+        f"--xla_force_host_platform_device_count=2 {FLAG}=-individual_convolution")
+
+
+@pytest.mark.parametrize("given", [f"{FLAG}=+individual_convolution", f"{FLAG}=", f"--xla_dump_to=/tmp/d {FLAG}=dot"])
+def test_a_value_the_user_gave_is_kept(given):
+    assert xla_defaults.with_defaults(given) == given
+
+
+def test_opting_out_leaves_xla_flags_alone():
+    environ = {"XLA_FLAGS": "--xla_dump_to=/tmp/d", "SCORE_SDE_XLA_DEFAULTS": "off"}
+    assert xla_defaults.apply(environ) == "--xla_dump_to=/tmp/d"
+    assert environ["XLA_FLAGS"] == "--xla_dump_to=/tmp/d"
+    environ = {}
+    assert xla_defaults.apply(environ) == f"{FLAG}=-individual_convolution" == environ["XLA_FLAGS"]
+
+
+# Compiles a convolution after importing a top-level module, as a user's script would; prints whether XLA:CPU
+# handed it to a YNNPACK library fusion (the backend config XLA writes on such a fusion).
+_COMPILE_A_CONVOLUTION = r"""
+import sampling  # imports score_sde, which sets the flags before the backend starts
+import jax, jax.numpy as jnp
+def layer(x, w):
+    y = jax.lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    return jax.nn.relu(y) + 1.0
+text = jax.jit(layer).lower(jnp.ones((8, 32, 32, 32)), jnp.ones((3, 3, 32, 32))).compile().as_text()
+print("ynn_fusion" if "__ynn_fusion" in text else "xla_convolution")
+"""
+
+
+def _compiled_with(**env_changes) -> str:
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "SCORE_SDE_XLA_DEFAULTS")}
+    env.update(env_changes, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
+    out = subprocess.run([sys.executable, "-c", _COMPILE_A_CONVOLUTION], cwd=ROOT, env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return out.stdout.split()[-1]
+
+
+def test_importing_the_project_changes_how_xla_cpu_compiles_a_convolution():
+    assert _compiled_with() == "xla_convolution"
+    # XLA's own default (jax 0.10.2), reached by either way of opting out.
+    assert _compiled_with(SCORE_SDE_XLA_DEFAULTS="off") == "ynn_fusion"
+    assert _compiled_with(XLA_FLAGS=f"{FLAG}=+individual_convolution") == "ynn_fusion"
