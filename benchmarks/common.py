@@ -17,6 +17,10 @@ import importlib.util
 import json
 import os
 
+# The project's XLA settings (score_sde/xla_defaults.py) go into $XLA_FLAGS on this import: it must come before
+# print_backend() starts JAX's backend, which is the first thing a benchmark script does with JAX.
+import score_sde  # noqa: E402,F401
+
 BENCHMARK_DDPMPP_PARAMS = 1_754_147
 # The base of both sizes: configs/vp/cifar10_ddpmpp_continuous.py (here and in the PyTorch port alike).
 BASE_CONFIG = "vp/cifar10_ddpmpp_continuous"

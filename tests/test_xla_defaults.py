@@ -57,3 +57,13 @@ def test_importing_the_project_changes_how_xla_cpu_compiles_a_convolution():
     # XLA's own default (jax 0.10.2), reached by either way of opting out.
     assert _compiled_with(SCORE_SDE_XLA_DEFAULTS="off") == "ynn_fusion"
     assert _compiled_with(XLA_FLAGS=f"{FLAG}=+individual_convolution") == "ynn_fusion"
+
+
+def test_a_benchmark_script_starts_its_backend_with_the_flags():
+    # train_step.py starts the backend through benchmarks.common.print_backend before importing the model code.
+    script = "from benchmarks import common; import os, jax; common.backend_info(); print(os.environ['XLA_FLAGS'])"
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "SCORE_SDE_XLA_DEFAULTS")}
+    out = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=dict(env, JAX_PLATFORMS="cpu"),
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split()[-1] == f"{FLAG}=-individual_convolution"
