@@ -27,7 +27,21 @@ def test_opting_out_leaves_xla_flags_alone():
     assert xla_defaults.apply(environ) == "--xla_dump_to=/tmp/d"
     assert environ["XLA_FLAGS"] == "--xla_dump_to=/tmp/d"
     environ = {}
-    assert xla_defaults.apply(environ) == f"{FLAG}=-individual_convolution" == environ["XLA_FLAGS"]
+    assert xla_defaults.apply(environ, "0.10.2") == f"{FLAG}=-individual_convolution" == environ["XLA_FLAGS"]
+
+
+@pytest.mark.parametrize("version", ["0.11.2", "0.9.2", "1.0.10"])
+def test_jaxlib_versions_not_measured_keep_xlas_defaults(version):
+    # XLA aborts on a flag it does not know; a release without this one must still start.
+    environ = {"XLA_FLAGS": "--xla_dump_to=/tmp/d"}
+    assert xla_defaults.apply(environ, version) == "--xla_dump_to=/tmp/d" == environ["XLA_FLAGS"]
+    assert xla_defaults.apply({}, version) == ""
+
+
+def test_the_installed_jaxlib_is_one_the_flags_were_measured_on():
+    # requirements.txt pins jaxlib; moving the pin means measuring again (docs/performance.md) and updating
+    # VERIFIED_JAXLIB, or the project silently loses the setting.
+    assert xla_defaults.installed_jaxlib().startswith(xla_defaults.VERIFIED_JAXLIB)
 
 
 # Compiles a convolution after importing a top-level module, as a user's script would; prints whether XLA:CPU
