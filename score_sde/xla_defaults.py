@@ -2,8 +2,8 @@
 
 One setting today, for XLA:CPU: ``--xla_cpu_experimental_ynn_fusion_type=-individual_convolution``. By default
 XLA:CPU (jax 0.10) hands every convolution on its own to a YNNPACK library fusion. On the score networks the
-convolutions it generates itself are faster: the benchmark DDPM++'s forward pass 1.7x, its forward and backward
-pass 1.5x, the small NCSN++ alike, and the first call of a program (which builds its YNNPACK runtimes) is
+convolutions it generates itself are faster: the benchmark DDPM++'s forward pass 1.6-1.8x, its training step
+1.5-1.8x, the small NCSN++ alike, and the first call of a program (which builds its YNNPACK runtimes) is
 shorter, which is most of a warm start's first step (docs/performance.md, "XLA:CPU library fusions"). The
 numbers are the same to float32 rounding. Other backends do not read the flag.
 
