@@ -15,6 +15,9 @@ import pathlib  # noqa: E402
 
 import pytest  # noqa: E402
 
+# The project's XLA flags (score_sde/xla_defaults.py), set before any test starts JAX's backend.
+import score_sde  # noqa: E402,F401
+
 GOLDEN = pathlib.Path(__file__).parent / "golden"
 
 

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from models.flowpp import dequantizer as dq
-from tests.helpers import flatten_tree, unflatten_tree
+from tests.helpers import assert_close_within_float32_rounding, flatten_tree, unflatten_tree
 
 GOLDEN = os.path.join(os.path.dirname(__file__), "golden")
 
@@ -42,13 +42,14 @@ def test_cifar10_parameter_tree_matches_score_flow(golden):
 
 def test_outputs_match_score_flow_with_its_parameters(small):
     model, params, g = small
+    apply = jax.jit(model.apply)
     for suffix, variables in (("", {"params": params}),
                               ("_moved", jax.tree_util.tree_map(lambda p: p * 1.1 + 0.01, {"params": params}))):
-        u, neg_log_q = jax.jit(model.apply)(variables, jnp.asarray(g["eps"]), jnp.asarray(g["x"]))
-        assert u.shape == g["x"].shape and neg_log_q.shape == (g["x"].shape[0],)
-        np.testing.assert_allclose(u, g["u" + suffix], rtol=1e-4, atol=1e-5)
-        # -log q is a sum of ~10^3 terms of size ~1: compare relative to its scale.
-        np.testing.assert_allclose(neg_log_q, g["neg_logq" + suffix], rtol=0, atol=1e-4 * np.abs(g["neg_logq"]).max())
+        args = (jnp.asarray(g["eps"]), jnp.asarray(g["x"]))
+        # -log q is a sum of ~10^3 terms of size ~1: its tolerance is relative to its scale.
+        assert_close_within_float32_rounding(
+            apply, variables, args, (g["u" + suffix], g["neg_logq" + suffix]),
+            tolerances=((1e-4, 1e-5), (0.0, 1e-4 * np.abs(g["neg_logq" + suffix]).max())))
 
 
 def test_data_dependent_init_matches_score_flow(small):

@@ -81,3 +81,15 @@ def test_a_benchmark_script_starts_its_backend_with_the_flags():
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.split()[-1] == f"{FLAG}=-individual_convolution"
+
+
+def test_flowpp_outputs_match_score_flow_exactly_under_xlas_defaults():
+    # The Flow++ golden tests allow for float32 rounding under the project's flag (tests/helpers.py); under
+    # XLA's defaults, where the convolutions sum as in the golden run, they must pass with no allowance.
+    tests = ["tests/test_flowpp.py::test_outputs_match_score_flow_with_its_parameters",
+             "tests/test_flowpp_imagenet.py::test_outputs_match_score_flow_with_its_parameters"]
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *tests], cwd=ROOT,
+                         env=dict(env, SCORE_SDE_XLA_DEFAULTS="off", JAX_PLATFORMS="cpu"), capture_output=True,
+                         text=True, timeout=900)
+    assert out.returncode == 0 and "2 passed" in out.stdout, out.stdout[-3000:] + out.stderr[-2000:]
