@@ -5,7 +5,7 @@ XLA:CPU (jax 0.10) hands every convolution on its own to a YNNPACK library fusio
 convolutions it generates itself are faster: the benchmark DDPM++'s forward pass 1.6-1.8x, its training step
 1.5-1.8x, the small NCSN++ alike, and the first call of a program builds fewer YNNPACK runtimes (the digits
 train step's: ~0.6 s instead of ~0.95; docs/performance.md, "XLA:CPU library fusions"). The golden-number tests
-pass unchanged under it. Other backends do not read the flag.
+pass under it; the Flow++ dequantisers' outputs, ill-conditioned in float32, only within float32 rounding. Other backends do not read the flag.
 
 XLA reads ``$XLA_FLAGS`` once, when the first computation starts its backend; later changes are ignored. So the
 flags are added when ``score_sde`` is first imported, which ``main.py``, ``run_lib`` and the top-level modules
