@@ -4,7 +4,9 @@ A train, eval or sample job compiles its programs (train step, sampler, likeliho
 first step: ~20-40 s for the tiny digits model on a 2-core CPU, minutes for the full-size models.
 With the cache on, a resumed run, a second eval or a sample job loads them from disk instead.
 Entries are keyed by the program, the jax/jaxlib version, the devices and the XLA flags, so a
-stale or foreign entry is never used; deleting the folder is always safe.
+stale or foreign entry is never used; deleting the folder is always safe. The folder also holds
+:mod:`score_sde.program_cache`'s entries (``programs/``): a training run's init and train step stored by what
+they are traced from, which a warm start loads without tracing them.
 
 Where the cache lives (``main.py --jax_cache_dir``), first match:
 
@@ -22,6 +24,8 @@ import logging
 import os
 
 import jax
+
+from score_sde import program_cache
 
 DISABLED = ("", "none")
 
@@ -47,7 +51,8 @@ def resolve(flag_value: str | None, multi_process_cpu: bool) -> tuple[str | None
 
 
 def enable(folder: str | None) -> None:
-    """Point JAX's persistent compilation cache at ``folder`` (created), or turn it off for None.
+    """Point JAX's persistent compilation cache at ``folder`` (created), or turn it off for None; the program cache
+    (``folder/programs``, :mod:`score_sde.program_cache`) follows.
 
     Must run before the job's first compilation. Every program is stored, however fast it compiled
     (``JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS`` overrides that): JAX's default of 1 s suits remote
@@ -55,6 +60,7 @@ def enable(folder: str | None) -> None:
     ~16 small programs (keys, SDE tables, casts) were otherwise recompiled on every start
     (docs/performance.md, "Where a warm start's time goes").
     """
+    program_cache.configure(None)
     if folder is None:
         jax.config.update("jax_enable_compilation_cache", False)
         return
@@ -65,6 +71,7 @@ def enable(folder: str | None) -> None:
                       "or turn it off with --jax_cache_dir=none)", folder) from err
     jax.config.update("jax_enable_compilation_cache", True)
     jax.config.update("jax_compilation_cache_dir", folder)
+    program_cache.configure(folder)
     if "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" not in os.environ:
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 
