@@ -20,6 +20,7 @@ that compiles them stores them there afterwards, in the same threads.
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import functools
 import logging
 import os
@@ -157,7 +158,10 @@ class TrainPrograms:
         """Load ``program`` from the program cache, or lower it here and compile (and store) it, in a worker thread."""
         entry = self._stored(program)
         if entry is not None:
-            return _in_worker(_load_or_compile, self._cache, self._key, program, entry, lower)
+            loading = _in_worker(_load_or_compile, self._cache, self._key, program, entry, lower)
+            # Keep the extras only: the executable's bytes (megabytes) are the worker's until loaded.
+            self._entries[program] = dataclasses.replace(entry, executable=b"")
+            return loading
         if self._cache is None:
             return _in_worker(COMPILERS[program], lower())
         compiled = concurrent.futures.Future()
@@ -183,7 +187,7 @@ class TrainPrograms:
         the program cache, else traced once (never run)."""
         if self._state_shapes is None:
             entry = self._stored("train_step")
-            if entry is not None:
+            if entry is not None and "state_shapes" in entry.extras:
                 self._state_shapes = entry.extras["state_shapes"]
             else:
                 # Traces the init (_lower_init reuses this trace, or this reuses its) and the optimizer's.
