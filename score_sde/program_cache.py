@@ -35,6 +35,7 @@ import pickle
 import sys
 import tempfile
 import threading
+import time
 from typing import Any, Callable
 
 import jax
@@ -47,6 +48,7 @@ VERSIONED_PACKAGES = ("jax", "jaxlib", "flax", "optax", "numpy")
 FORMAT = 1  # of an entry file; a new format retires every entry
 MAX_BYTES = 2 * 1024 ** 3
 FOLDER_NAME = "programs"
+STALE_WRITE_SECONDS = 3600
 # jax.monitoring events: XLA compiled a program (also fired when JAX's persistent cache supplies it), and the
 # persistent cache supplied it.
 COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
@@ -200,17 +202,22 @@ class ProgramCache:
         return True
 
     def prune(self) -> None:
-        """Delete the least recently used entries until the folder holds at most ``max_bytes``."""
+        """Delete the least recently used entries until the folder holds at most ``max_bytes``, and the temporary files
+        of writes that never finished (a process killed while writing) once an hour old."""
         try:
-            entries = [e for e in os.scandir(self.folder) if e.name.endswith(".pkl")]
-            entries.sort(key=lambda e: e.stat().st_mtime, reverse=True)
+            files = [(f, f.stat()) for f in os.scandir(self.folder) if f.name.endswith((".pkl", ".tmp"))]
         except OSError:
             return
+        now = time.time()
+        for file, stat in files:
+            if file.name.endswith(".tmp") and now - stat.st_mtime > STALE_WRITE_SECONDS:
+                _remove(file.path)
         total = 0
-        for entry in entries:
-            total += entry.stat().st_size
-            if total > self.max_bytes:
-                _remove(entry.path)
+        for file, stat in sorted(files, key=lambda f: f[1].st_mtime, reverse=True):
+            if file.name.endswith(".pkl"):
+                total += stat.st_size
+                if total > self.max_bytes:
+                    _remove(file.path)
 
 
 def _remove(path: str) -> None:

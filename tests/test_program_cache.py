@@ -13,6 +13,7 @@ import pathlib
 import pickle
 import subprocess
 import sys
+import time
 
 import jax
 import jax.numpy as jnp
@@ -197,15 +198,19 @@ def test_an_entry_that_cannot_be_written_is_logged_and_the_job_goes_on(tmp_path,
     assert cache.read("k", "init") is None
 
 
-def test_the_least_recently_used_entries_go_once_the_folder_is_full(tmp_path):
+def test_the_least_recently_used_entries_and_stale_partial_writes_go(tmp_path):
     cache = program_cache.ProgramCache(str(tmp_path), max_bytes=250)
     for age, name in enumerate(["new", "recent", "old", "oldest"]):
         path = tmp_path / f"{name}-init.pkl"
         path.write_bytes(b"x" * 100)
         os.utime(path, (1e9 - age * 100, 1e9 - age * 100))
     (tmp_path / "unrelated.txt").write_bytes(b"y" * 1000)
+    for name, age in (("tmpold.tmp", program_cache.STALE_WRITE_SECONDS + 60), ("tmpnew.tmp", 10)):
+        (tmp_path / name).write_bytes(b"z" * 1000)  # writes under way or killed; not counted in the size
+        os.utime(tmp_path / name, (time.time() - age, time.time() - age))
     cache.prune()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["new-init.pkl", "recent-init.pkl", "unrelated.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["new-init.pkl", "recent-init.pkl", "tmpnew.tmp",
+                                                          "unrelated.txt"]
 
 
 def test_the_cache_follows_the_jax_cache_switch_and_is_off_for_several_processes(tmp_path, monkeypatch):
