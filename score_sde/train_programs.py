@@ -84,7 +84,8 @@ def _compile_and_store(cache: program_cache.ProgramCache, key: str, program: str
         cache.store(key, program, compiled, extras)
     else:
         logging.info("Program cache: the %s came from JAX's compilation cache and cannot be stored from there; it "
-                     "is stored the next time XLA compiles it.", program.replace("_", " "))
+                     "is stored the next time XLA compiles it (to have that happen on the next run, at the cost of "
+                     "one cold start, delete %s).", program.replace("_", " "), os.path.dirname(cache.folder))
     return compiled
 
 
