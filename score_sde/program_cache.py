@@ -10,8 +10,8 @@ with its argument and result structures:
 * the run's config (every field, so a run with another config never shares an entry);
 * the source of the project's modules (every ``.py`` file at the top level, in ``models/`` and in
   ``score_sde/``), so editing the code retires its entries;
-* the Python, jax, jaxlib, flax, optax and numpy versions, every ``jax.config`` option except the caches'
-  own, and ``$XLA_FLAGS``;
+* the Python, jax, jaxlib, flax, optax and numpy versions (and those of JAX's CUDA or TPU plugins where installed),
+  every ``jax.config`` option except the caches' own, and ``$XLA_FLAGS``;
 * the backend's platform and version, and the kind and id of each device (a pmapped program is bound to
   its devices).
 
@@ -45,6 +45,8 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 # Folders whose modules the traced programs are made of (besides the top-level modules).
 SOURCE_FOLDERS = ("models", "score_sde")
 VERSIONED_PACKAGES = ("jax", "jaxlib", "flax", "optax", "numpy")
+# Installed where an accelerator is used; their versions count too where present.
+PLUGIN_PACKAGES = ("jax-cuda12-plugin", "jax-cuda12-pjrt", "jax-cuda13-plugin", "jax-cuda13-pjrt", "libtpu")
 FORMAT = 1  # of an entry file; a new format retires every entry
 MAX_BYTES = 2 * 1024 ** 3
 FOLDER_NAME = "programs"
@@ -122,6 +124,11 @@ def source_digest(root: pathlib.Path = ROOT) -> str:
 def environment() -> dict:
     """What a traced and compiled program depends on besides the config and the sources (this module's docstring)."""
     versions = {name: importlib.metadata.version(name) for name in VERSIONED_PACKAGES}
+    for name in PLUGIN_PACKAGES:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            pass
     versions["python"] = sys.version
     options = {name: repr(value) for name, value in sorted(jax.config.values.items()) if "cache" not in name}
     devices = jax.local_devices()

@@ -6,6 +6,7 @@ deleted and the program compiled instead; the folder stays within its size.
 """
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import logging
 import os
@@ -117,6 +118,10 @@ def test_the_key_changes_with_everything_the_programs_are_made_from(cache_folder
     assert program_cache.ProgramCache(str(cache_folder)).key(tiny_config()) == key  # stable
     assert program_cache.ProgramCache(str(cache_folder)).key(tiny_config(model__nf=16)) != key
     assert program_cache.ProgramCache(str(cache_folder)).key(tiny_config(optim__grad_clip=2.0)) != key
+    real_version = importlib.metadata.version
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: "0.0.1" if name == "jaxlib" else real_version(name))
+    assert program_cache.ProgramCache(str(cache_folder)).key(config) != key
+    monkeypatch.undo()
     monkeypatch.setenv("XLA_FLAGS", os.environ.get("XLA_FLAGS", "") + " --xla_cpu_enable_fast_math=false")
     assert program_cache.ProgramCache(str(cache_folder)).key(config) != key
     monkeypatch.undo()
