@@ -175,7 +175,10 @@ class ProgramCache:
             logging.warning("Program cache: ignoring and deleting %s (%s: %s).", path, type(err).__name__, err)
             _remove(path)
             return None
-        os.utime(path)  # most recently used: pruned last
+        try:
+            os.utime(path)  # most recently used: pruned last
+        except OSError:  # a folder this process may read but not write: the entry is still good
+            pass
         return entry
 
     def load(self, key: str, program: str, entry: Entry) -> jax.stages.Compiled | None:
