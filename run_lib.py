@@ -29,6 +29,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Iterator
 
 import jax
 import numpy as np
@@ -40,7 +41,8 @@ from score_sde import sample_job, sample_plots, train_programs
 from score_sde.eval_checks import EvaluationError
 from score_sde.sample_job import SamplingError
 from score_sde.train_checkpoints import (TrainingDivergedError, all_finite, checkpoint_state, divergence_error,
-                                         eval_state_template, restore_newest, resume_candidates, use_config_rates)
+                                         eval_state_template, restore_newest, resume_candidates, resume_step,
+                                         use_config_rates)
 from score_sde.train_steps import device_keys, fuse_steps, make_train_and_eval_steps, numpy_batches
 from score_sde.workdir_config import CONFIG_HISTORY, WorkdirConfigError, check_workdir_config, save_config
 
@@ -150,27 +152,34 @@ def _train(config, workdir, changes, sample_dir, tb_dir, checkpoint_dir, checkpo
         for field, (old, new) in changes.items():
             logging.info("config.%s changed since the last run of this workdir: %r -> %r", field, old, new)
 
-    # The data first: a data set that is missing stops the run before the model is built.
+    # The data first: a data set that is missing stops the run before the model is built. The streams
+    # start where the run resumes (the step in the newest checkpoint's footer).
     n_jitted = config.training.n_jitted_steps
-    train_ds, eval_ds, _ = datasets.get_dataset(config, additional_dim=n_jitted,
-                                                uniform_dequantization=config.data.uniform_dequantization)
+    candidates = resume_candidates(checkpoint_meta_dir, checkpoint_dir)
+    data_step = resume_step(checkpoint_meta_dir, checkpoint_dir)
+
+    def training_batches(start_step: int) -> tuple[Iterator[dict], Iterator[dict]]:
+        train_ds, eval_ds, _ = datasets.get_dataset(config, additional_dim=n_jitted, start_step=start_step,
+                                                    uniform_dequantization=config.data.uniform_dequantization)
+        return numpy_batches(train_ds, scaler), numpy_batches(eval_ds, scaler)
+
     scaler = datasets.get_data_scaler(config)
     inverse_scaler = datasets.get_data_inverse_scaler(config)
-    train_iter = numpy_batches(train_ds, scaler)
-    eval_iter = numpy_batches(eval_ds, scaler)
+    train_iter, eval_iter = training_batches(data_step)
 
     # Model, optimizer and state; resume from the newest checkpoint, meta or numbered (a workdir
     # of the original code's released runs has numbered ones only).
-    resuming = bool(resume_candidates(checkpoint_meta_dir, checkpoint_dir))
-    programs = programs or train_programs.TrainPrograms(config, start_init=not resuming)
+    programs = programs or train_programs.TrainPrograms(config, start_init=not candidates)
     model, sde, sampling_eps = programs.model, programs.sde, programs.sampling_eps
-    if resuming:  # every value comes from the checkpoint (or every one is damaged: raised), so no init runs
+    if candidates:  # every value comes from the checkpoint (or every one is damaged: raised), so no init runs
         state = restore_newest(programs.state_template(), checkpoint_meta_dir, checkpoint_dir)
     else:
         state = programs.initial_state(jax.random.PRNGKey(config.seed))
     state = use_config_rates(state, config)
     programs.start_train_step()
     initial_step = int(state.step)
+    if initial_step != data_step:  # the newest checkpoint was damaged or has no footer: start the data here
+        train_iter, eval_iter = training_batches(initial_step)
     rng = state.rng
     save_config(config, workdir, initial_step, changes)
     writer = metric_writers.create_default_writer(tb_dir, just_logging=not is_main)
@@ -195,7 +204,7 @@ def _train(config, workdir, changes, sample_dir, tb_dir, checkpoint_dir, checkpo
         logging.info("Starting training loop at step %d of %d (%s parameters, %d local device(s), %d process(es)).",
                      initial_step, num_train_steps, f"{num_params:,}", parallel.local_device_count(),
                      parallel.process_count())
-    rng = parallel.fold_in_process(rng)
+    rng = parallel.training_loop_key(rng, resumed=initial_step > 0)
     progress = reporting.Progress(initial_step, num_train_steps)
 
     step = initial_step
@@ -216,6 +225,14 @@ def _train(config, workdir, changes, sample_dir, tb_dir, checkpoint_dir, checkpo
             writer.write_scalars(step, {"training_loss": loss, "steps_per_sec": progress.steps_per_second()})
 
         at_end = step >= num_train_steps
+        evaluating = step % config.training.eval_freq == 0
+        snapshot = step % config.training.snapshot_freq == 0 or at_end
+        # The keys of this step's eval loss and samples first (in the original's order), so that the
+        # checkpoints hold the key the loop goes on with: a restart continues the uninterrupted key stream.
+        if evaluating:
+            rng, eval_keys = device_keys(rng)
+        if snapshot and sampling_fn is not None:
+            rng, sample_keys = device_keys(rng)
         preemption_freq = config.training.snapshot_freq_for_preemption
         if (step % preemption_freq == 0 or at_end) and is_main:
             saved = checkpoint_state(pstate, rng)
@@ -225,15 +242,14 @@ def _train(config, workdir, changes, sample_dir, tb_dir, checkpoint_dir, checkpo
             number = checkpoints.number_for_step(checkpoint_meta_dir, step, preemption_freq)
             checkpoints.save_checkpoint(checkpoint_meta_dir, saved, step=number, keep=1)
 
-        if step % config.training.eval_freq == 0:
-            rng, keys = device_keys(rng)
-            _, peval_loss = p_eval_step((keys, pstate), next(eval_iter))
+        if evaluating:
+            _, peval_loss = p_eval_step((eval_keys, pstate), next(eval_iter))
             eval_loss = float(np.asarray(peval_loss).mean())
             if is_main:
                 logging.info("step: %d, eval_loss: %.5e", step, eval_loss)
             writer.write_scalars(step, {"eval_loss": eval_loss})
 
-        if step % config.training.snapshot_freq == 0 or at_end:
+        if snapshot:
             if is_main:
                 saved = checkpoint_state(pstate, rng)
                 if not all_finite(saved.params):
@@ -246,8 +262,7 @@ def _train(config, workdir, changes, sample_dir, tb_dir, checkpoint_dir, checkpo
                                  "written", step, number, -(-step // config.training.snapshot_freq))
                 checkpoints.save_checkpoint(checkpoint_dir, saved, step=number, keep=np.inf)
             if sampling_fn is not None:
-                rng, keys = device_keys(rng)
-                samples, nfe = sampling_fn(keys, pstate)
+                samples, nfe = sampling_fn(sample_keys, pstate)
                 path = write_samples(jax.device_get(samples), sample_dir, step)
                 if is_main:
                     logging.info("step: %d, wrote %s (%d score evaluations per sample)", step, path, int(nfe))

@@ -44,7 +44,7 @@ import tensorflow as tf
 if TYPE_CHECKING:
     import tensorflow_datasets as tfds
 
-from score_sde import parallel
+from score_sde import data_order, parallel
 
 FASHION_MNIST_DEFAULT_DIR = "/usr/share/datasets/fashion-mnist"
 CIFAR10_BINARY_TARBALL = "cifar-10-binary.tar.gz"
@@ -279,11 +279,6 @@ class ArraySource:
     def num_examples(self, split: str) -> int:
         return len(self.splits[split][1])
 
-    def as_dataset(self, split: str) -> tf.data.Dataset:
-        """Unbatched examples ``{'image': uint8 (H, W, C), 'label': int64}`` in stored order."""
-        images, labels = self.splits[split]
-        return tf.data.Dataset.from_tensor_slices({"image": images, "label": labels})
-
 
 # ----------------------------------------------------------------------------------------------
 # tensorflow-datasets: availability checked before anything can hang
@@ -416,7 +411,7 @@ def _dataset_options() -> tf.data.Options:
 
 
 def get_dataset(config, additional_dim: int | None = None, uniform_dequantization: bool = False,
-                evaluation: bool = False):
+                evaluation: bool = False, start_step: int = 0):
     """Create the training and evaluation pipelines.
 
     Args:
@@ -426,6 +421,11 @@ def get_dataset(config, additional_dim: int | None = None, uniform_dequantizatio
         train steps fused into one jitted call).
       uniform_dequantization: add uniform noise: ``x -> (255 x + U[0, 1)) / 256``.
       evaluation: use ``config.eval.batch_size``, one epoch, no random flips.
+      start_step: the training step a resumed run starts at: where its streams begin.
+
+    The order, the flips and the dequantisation noise are drawn from ``config.seed`` (and the process
+    index): two runs of one config read the same batches, and a resumed run of in-memory data reads
+    what an uninterrupted one would from ``start_step`` on (``score_sde/data_order.py``).
 
     Returns:
       ``(train_ds, eval_ds, dataset_builder)``: two ``tf.data.Dataset`` of dicts ``{'image', 'label'}``,
@@ -445,13 +445,14 @@ def get_dataset(config, additional_dim: int | None = None, uniform_dequantizatio
     dataset = config.data.dataset
     data_dir = config.data.get("data_dir", None)
 
-    def finish(img: tf.Tensor) -> tf.Tensor:
+    examples_per_batch = int(np.prod(batch_dims))
+    train_first, eval_first = data_order.first_positions(
+        config, examples_per_batch // (additional_dim or 1), examples_per_batch, start_step)
+
+    def finish(img: tf.Tensor, seed: tf.Tensor, position: tf.Tensor) -> tf.Tensor:
         """Random flip (training only) and uniform dequantization of a float image in [0, 1]."""
-        if config.data.random_flip and not evaluation:
-            img = tf.image.random_flip_left_right(img)
-        if uniform_dequantization:
-            img = (tf.random.uniform(tf.shape(img), dtype=tf.float32) + img * 255.0) / 256.0
-        return img
+        return data_order.augment(img, seed, position, config.data.random_flip and not evaluation,
+                                  uniform_dequantization)
 
     source: Any
     if dataset in ("FFHQ", "CelebAHQ"):
@@ -461,13 +462,13 @@ def get_dataset(config, additional_dim: int | None = None, uniform_dequantizatio
                                           f"{config.data.tfrecords_path!r}.")
         source = tf.data.TFRecordDataset(files)
 
-        def preprocess_fn(record):
+        def preprocess_fn(record, seed, position):
             example = tf.io.parse_single_example(record, features={
                 "shape": tf.io.FixedLenFeature([3], tf.int64),
                 "data": tf.io.FixedLenFeature([], tf.string)})
             data = tf.reshape(tf.io.decode_raw(example["data"], tf.uint8), example["shape"])
             img = tf.image.convert_image_dtype(tf.transpose(data, (1, 2, 0)), tf.float32)
-            return {"image": finish(img), "label": None}
+            return {"image": finish(img, seed, position), "label": None}
 
         train_split = eval_split = None
 
@@ -514,38 +515,48 @@ def get_dataset(config, additional_dim: int | None = None, uniform_dequantizatio
             def resize_op(img):
                 return _to_float_resized(img, resolution)
 
-        def preprocess_fn(example):
+        def preprocess_fn(example, seed, position):
             img = tf.ensure_shape(resize_op(example["image"]), (resolution, resolution, None))
-            return {"image": finish(img), "label": example.get("label", None)}
+            return {"image": finish(img, seed, position), "label": example.get("label", None)}
 
         eval_count = _split_size(source, eval_split)
-        examples_per_batch = int(np.prod(batch_dims))
         if evaluation and eval_count is not None and eval_count < examples_per_batch:
             raise ValueError(f"{dataset} split '{eval_split}' has {eval_count} examples, fewer than one evaluation "
                              f"batch ({examples_per_batch} on this host); lower config.eval.batch_size.")
 
         def splits() -> tuple[tf.data.Dataset, tf.data.Dataset]:
-            if isinstance(source, ArraySource):
-                return source.as_dataset(train_split), source.as_dataset(eval_split)
             import tensorflow_datasets as tfds  # noqa: PLC0415 (imported by _tfds_source already)
 
-            read_config = tfds.ReadConfig(options=_dataset_options())
-            return tuple(source.as_dataset(split=s, shuffle_files=True, read_config=read_config)
-                         for s in (train_split, eval_split))
+            return tuple(source.as_dataset(split=s, shuffle_files=True, read_config=tfds.ReadConfig(
+                options=_dataset_options(), shuffle_seed=data_order.shuffle_seed(seed)))
+                for s, seed in ((train_split, train_seed), (eval_split, eval_seed)))
 
-    def create_dataset(ds: tf.data.Dataset, split: str | None) -> tf.data.Dataset:
-        # A buffer larger than the split would only hold repeats of it (and take long to fill).
-        size = _split_size(source, split) if split is not None else None
+    # A resumed run can start a permuted in-memory stream at its position; a sequential one is reseeded.
+    random_access = isinstance(source, ArraySource)
+    reseed = 0 if random_access else start_step
+    train_seed, eval_seed = (data_order.stream_seed(config, split, reseed)
+                             for split in (data_order.TRAIN_SPLIT, data_order.EVAL_SPLIT))
+
+    def create_dataset(split: str | None, seed: tf.Tensor, first: int, raw: tf.data.Dataset | None) -> tf.data.Dataset:
+        if random_access:
+            images, labels = source.splits[split]
+            ds = data_order.permuted_examples(images, labels, seed, first, num_epochs)
+        else:
+            # A buffer larger than the split would only hold repeats of it (and take long to fill).
+            size = _split_size(source, split) if split is not None else None
+            ds = raw.repeat(count=num_epochs)
+            ds = ds.shuffle(min(SHUFFLE_BUFFER_SIZE, size or SHUFFLE_BUFFER_SIZE), seed=data_order.shuffle_seed(seed))
+            ds = ds.enumerate()
         ds = ds.with_options(_dataset_options())
-        ds = ds.repeat(count=num_epochs)
-        ds = ds.shuffle(min(SHUFFLE_BUFFER_SIZE, size or SHUFFLE_BUFFER_SIZE))
-        ds = ds.map(preprocess_fn, num_parallel_calls=tf.data.AUTOTUNE)
+        ds = ds.map(lambda position, example: preprocess_fn(example, seed, position),
+                    num_parallel_calls=tf.data.AUTOTUNE)
         for size in reversed(batch_dims):
             ds = ds.batch(size, drop_remainder=True)
         return ds.prefetch(tf.data.AUTOTUNE)
 
-    train_raw, eval_raw = splits()
-    return create_dataset(train_raw, train_split), create_dataset(eval_raw, eval_split), source
+    train_raw, eval_raw = (None, None) if random_access else splits()
+    return (create_dataset(train_split, train_seed, train_first, train_raw),
+            create_dataset(eval_split, eval_seed, eval_first, eval_raw), source)
 
 
 def _split_size(source: Any, split: str) -> int | None:

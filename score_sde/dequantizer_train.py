@@ -185,7 +185,9 @@ def train_deq(config, workdir: str) -> mutils.State:
         os.makedirs(d, exist_ok=True)
     is_main = parallel.is_main_process()
     n_jitted = config.training.n_jitted_steps
-    train_ds, eval_ds, _ = datasets.get_dataset(config, additional_dim=n_jitted, uniform_dequantization=False)
+    train_ds, eval_ds, _ = datasets.get_dataset(
+        config, additional_dim=n_jitted, uniform_dequantization=False,
+        start_step=train_checkpoints.resume_step(checkpoint_meta_dir, checkpoint_dir))
     # Images stay in [0, 1]: the dequantiser reads them there, the loss scales them after adding the noise.
     train_iter = train_steps.numpy_batches(train_ds, lambda x: x)
     eval_iter = train_steps.numpy_batches(eval_ds, lambda x: x)
@@ -205,7 +207,7 @@ def train_deq(config, workdir: str) -> mutils.State:
     writer = metric_writers.create_default_writer(os.path.join(deq_dir, "tensorboard"), just_logging=not is_main)
     if is_main:
         logging.info("Training the dequantiser against %s from step %d of %d.", score_path, step, num_steps)
-    rng = parallel.fold_in_process(rng)
+    rng = parallel.training_loop_key(rng, resumed=step > 0)
     progress = reporting.Progress(step, num_steps)
     while step < num_steps:
         rng, keys = train_steps.device_keys(rng)
@@ -222,6 +224,9 @@ def train_deq(config, workdir: str) -> mutils.State:
                 logging.info(progress.line(step, training_loss=float(loss), training_bpd=float(bpd)))
             writer.write_scalars(step, {"training_loss": loss, "training_bpd": bpd})
         at_end = step >= num_steps
+        evaluating = step % config.training.eval_freq == 0
+        if evaluating:  # before the checkpoints, which then hold the key the loop goes on with (as run_lib)
+            rng, eval_keys = train_steps.device_keys(rng)
         for folder, freq, keep in ((checkpoint_meta_dir, config.training.snapshot_freq_for_preemption, 1),
                                    (checkpoint_dir, config.training.snapshot_freq, np.inf)):
             if (step % freq == 0 or at_end) and is_main:
@@ -231,9 +236,8 @@ def train_deq(config, workdir: str) -> mutils.State:
                                                              checkpoint_meta_dir, checkpoint_dir)
                 checkpoints.save_checkpoint(folder, saved, step=checkpoints.number_for_step(folder, step, freq),
                                             keep=keep)
-        if step % config.training.eval_freq == 0:
-            rng, keys = train_steps.device_keys(rng)
-            _, eval_metrics = p_eval_step((keys, pstate), score_pstate, next(eval_iter))
+        if evaluating:
+            _, eval_metrics = p_eval_step((eval_keys, pstate), score_pstate, next(eval_iter))
             eval_bpd = float(np.asarray(eval_metrics).reshape(-1, 2)[:, 1].mean())
             if is_main:
                 logging.info("step: %d, eval_bpd: %.5f", step, eval_bpd)

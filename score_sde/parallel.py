@@ -187,6 +187,19 @@ def fold_in_process(rng: jax.Array) -> jax.Array:
     return jax.random.fold_in(rng, process_index())
 
 
+def training_loop_key(rng: jax.Array, resumed: bool) -> jax.Array:
+    """This process's key for a training loop that starts from ``rng`` (the seed's key or a checkpoint's).
+
+    A fresh run folds in the process index, as the original. A resumed run continues the checkpoint's
+    key, which process 0 saved: process 0 goes on with it unchanged and so draws the keys an
+    uninterrupted run would; the other processes fold in their index. (The original folded again at
+    every restart, so its resumed runs left the interrupted run's key stream.)
+    """
+    if resumed and is_main_process():
+        return rng
+    return fold_in_process(rng)
+
+
 def maybe_initialize_distributed(coordinator_address: str | None = None, num_processes: int | None = None,
                                  process_id: int | None = None) -> bool:
     """Join a multi-process run when a coordinator is given (flags or environment).

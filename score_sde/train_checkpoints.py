@@ -67,6 +67,12 @@ def resume_candidates(checkpoint_meta_dir: str, checkpoint_dir: str) -> list[str
     return [path for _, path in sorted(found, reverse=True)]
 
 
+def resume_step(checkpoint_meta_dir: str, checkpoint_dir: str) -> int:
+    """The training step a run of these folders resumes at, as the newest checkpoint's footer says (0: none)."""
+    candidates = resume_candidates(checkpoint_meta_dir, checkpoint_dir)
+    return (checkpoints.checkpoint_step(candidates[0]) or 0) if candidates else 0
+
+
 def restore_newest(template, checkpoint_meta_dir: str, checkpoint_dir: str):
     """``template`` restored from the newest readable checkpoint of the two folders (``template`` if none).
 

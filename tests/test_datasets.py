@@ -93,6 +93,51 @@ def test_batch_dims_follow_devices(monkeypatch):
     assert next(iter(train_ds))["image"].shape == (2, 3, 2, 8, 8, 1)
 
 
+def _train_images(config, batches: int, **kwargs) -> np.ndarray:
+    """The first ``batches`` train batches of ``config``, ``(batches, batch_size, 8, 8, 1)``."""
+    ds = datasets.get_dataset(config, **kwargs)[0].take(batches)
+    return np.stack([batch["image"].reshape(-1, 8, 8, 1) for batch in ds.as_numpy_iterator()])
+
+
+def test_train_stream_is_drawn_from_the_seed_and_resumes_at_its_position(monkeypatch):
+    """The same config reads the same batches; a stream started at step 120 is the one-go stream from batch
+    120 on (across the epoch boundary at 150); each epoch reads every training digit once, in a new order;
+    the seed and the process index change the order, flips and dequantisation noise come from the seed too."""
+    config = make_config("DIGITS", 8, batch_size=10)
+    config.seed, config.training.eval_freq = 3, 50
+    images = datasets.load_digits()[0][:1500] / 255.0
+    stream = _train_images(config, 200)
+    np.testing.assert_array_equal(_train_images(config, 200), stream)
+    np.testing.assert_array_equal(_train_images(config, 80, start_step=120), stream[120:])
+    epochs = [match_rows(stream[:150].reshape(-1, 8, 8, 1), images), match_rows(stream[150:].reshape(-1, 8, 8, 1),
+                                                                                  images)]
+    assert sorted(epochs[0]) == list(range(1500)) and len(set(epochs[1])) == 500
+    assert not np.array_equal(epochs[0][:500], epochs[1])
+    assert not np.array_equal(epochs[0], np.arange(1500))
+
+    config.seed = 4
+    assert not np.array_equal(_train_images(config, 5), stream[:5])
+    config.seed = 3
+    monkeypatch.setattr(parallel, "process_index", lambda: 1)
+    assert not np.array_equal(_train_images(config, 5), stream[:5])
+    monkeypatch.undo()
+
+    config.data.random_flip = True
+    flipped = _train_images(config, 150, uniform_dequantization=True)
+    np.testing.assert_array_equal(_train_images(config, 30, uniform_dequantization=True, start_step=120),
+                                  flipped[120:])
+    # Each example is its unflipped self or its mirror, plus noise in [0, 1/256): both occur, about half each.
+    plain = stream[:150] * 255 / 256
+    gap_plain = (flipped - plain).reshape(1500, -1)
+    gap_mirror = (flipped - plain[..., ::-1, :]).reshape(1500, -1)
+    is_plain = np.all((gap_plain > -1e-6) & (gap_plain < 1 / 256 + 1e-6), axis=1)
+    is_mirror = np.all((gap_mirror > -1e-6) & (gap_mirror < 1 / 256 + 1e-6), axis=1)
+    assert np.all(is_plain | is_mirror)
+    assert 600 < np.sum(is_mirror & ~is_plain) < 900 and 600 < np.sum(is_plain & ~is_mirror) < 900
+    noise = gap_plain[is_plain & ~is_mirror][plain.reshape(1500, -1)[is_plain & ~is_mirror] == 0] * 256
+    assert noise.size > 10000 and abs(noise.mean() - 0.5) < 0.02 and abs(noise.std() - 12 ** -0.5) < 0.02
+
+
 def test_unknown_dataset():
     with pytest.raises(NotImplementedError, match="MNIST_FOO"):
         datasets.get_dataset(make_config("MNIST_FOO", 8))

@@ -157,6 +157,12 @@ def _steps_in_log(workdir) -> list[int]:
     return [int(line.split("step ")[1].split("/")[0]) for line in text.splitlines() if "| training_loss" in line]
 
 
+def _losses_in_log(workdir) -> dict[int, str]:
+    """``{step: 'training_loss 1.0021e+00'}`` from the progress lines of ``workdir/stdout.txt``."""
+    lines = [line for line in (pathlib.Path(workdir) / "stdout.txt").read_text().splitlines() if "| training_loss" in line]
+    return {int(line.split("step ")[1].split("/")[0]): line.split(" | ")[1] for line in lines}
+
+
 def test_replicated_state_has_the_sharding_pmap_returns():
     """Otherwise the train step's first call (replicated state) and later calls (its own outputs) compile twice."""
     step = parallel.pmap(lambda tree: jax.tree_util.tree_map(lambda x: x + 1, tree))
@@ -208,6 +214,23 @@ def test_train_writes_checkpoints_summaries_config_and_resumes(tmp_path):
     assert "Starting training loop at step 8 of 12" in text
     state = checkpoints.restore_checkpoint(str(workdir / "checkpoints"), template)
     assert int(state.step) == 12
+
+
+def test_a_restarted_run_ends_bit_for_bit_where_an_uninterrupted_one_does(tmp_path):
+    """8 steps in one go, and 4 steps then a restart to 8, give the same State to the last bit: the restart
+    reads the batches (with their flips and dequantisation noise) and draws the keys the one-go run did."""
+    overrides = {"data__random_flip": True, "data__uniform_dequantization": True}
+    run_lib.train(tiny_config(**overrides), str(tmp_path / "one_go"))
+    run_lib.train(tiny_config(training__n_iters=4, **overrides), str(tmp_path / "restarted"))
+    run_lib.train(tiny_config(**overrides), str(tmp_path / "restarted"))
+    assert "Starting training loop at step 4 of 8" in (tmp_path / "restarted" / "stdout.txt").read_text()
+    _, template = losses.init_train_state(jax.random.PRNGKey(0), tiny_config())
+    one_go, restarted = (checkpoints.restore_checkpoint(str(tmp_path / run / "checkpoints-meta"), template)
+                         for run in ("one_go", "restarted"))
+    assert int(one_go.step) == int(restarted.step) == 8
+    for a, b in zip(jax.tree_util.tree_leaves(one_go), jax.tree_util.tree_leaves(restarted)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert _losses_in_log(tmp_path / "one_go") == _losses_in_log(tmp_path / "restarted")
 
 
 def test_train_ema_follows_its_recurrence_on_every_leaf(tmp_path):
