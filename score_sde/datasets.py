@@ -537,7 +537,8 @@ def get_dataset(config, additional_dim: int | None = None, uniform_dequantizatio
     train_seed, eval_seed = (data_order.stream_seed(config, split, reseed)
                              for split in (data_order.TRAIN_SPLIT, data_order.EVAL_SPLIT))
 
-    def create_dataset(split: str | None, seed: tf.Tensor, first: int, raw: tf.data.Dataset | None) -> tf.data.Dataset:
+    def create_dataset(split: str | None, seed: tf.Tensor, first: int,
+                       raw: tf.data.Dataset | None) -> tf.data.Dataset:
         if random_access:
             images, labels = source.splits[split]
             ds = data_order.permuted_examples(images, labels, seed, first, num_epochs)

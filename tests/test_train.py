@@ -159,7 +159,8 @@ def _steps_in_log(workdir) -> list[int]:
 
 def _losses_in_log(workdir) -> dict[int, str]:
     """``{step: 'training_loss 1.0021e+00'}`` from the progress lines of ``workdir/stdout.txt``."""
-    lines = [line for line in (pathlib.Path(workdir) / "stdout.txt").read_text().splitlines() if "| training_loss" in line]
+    text = (pathlib.Path(workdir) / "stdout.txt").read_text()
+    lines = [line for line in text.splitlines() if "| training_loss" in line]
     return {int(line.split("step ")[1].split("/")[0]): line.split(" | ")[1] for line in lines}
 
 
