@@ -17,6 +17,8 @@ Processes (hosts) get different streams: the process index is part of the seed.
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import numpy as np
 import tensorflow as tf
 
@@ -43,22 +45,24 @@ def shuffle_seed(seed: tf.Tensor) -> int:
 
 
 def permuted_examples(images: np.ndarray, labels: np.ndarray, seed: tf.Tensor, first: int,
-                      epochs: int | None) -> tf.data.Dataset:
-    """``(position, {'image', 'label'})`` from ``first`` on: epoch ``e`` reads a permutation seeded by ``e``.
+                      epochs: int | None) -> tuple[tf.data.Dataset, Callable[[tf.Tensor], dict]]:
+    """``(positions, example_at)``: the positions from ``first`` on, and the example at a position.
 
-    ``images`` ``(N, ...)``, ``labels`` ``(N,)``; ``epochs`` None repeats forever.
+    Epoch ``e`` reads a permutation seeded by ``e``. ``images`` ``(N, ...)``, ``labels`` ``(N,)``;
+    ``epochs`` None repeats forever. (The caller maps ``example_at`` together with its preprocessing:
+    one map per example, not two.)
     """
     count = len(labels)
     end = np.iinfo(np.int64).max if epochs is None else count * epochs
     images, labels = tf.constant(images), tf.constant(labels)
 
-    def example(position):
+    def example_at(position: tf.Tensor) -> dict:
         epoch, offset = position // count, position % count
         index = tf.random.experimental.index_shuffle(
             offset, tf.random.experimental.stateless_fold_in(seed, epoch), count - 1)
-        return position, {"image": tf.gather(images, index), "label": tf.gather(labels, index)}
+        return {"image": tf.gather(images, index), "label": tf.gather(labels, index)}
 
-    return tf.data.Dataset.range(first, end).map(example)
+    return tf.data.Dataset.range(first, end), example_at
 
 
 def augment(img: tf.Tensor, seed: tf.Tensor, position: tf.Tensor, random_flip: bool,

@@ -541,16 +541,21 @@ def get_dataset(config, additional_dim: int | None = None, uniform_dequantizatio
                        raw: tf.data.Dataset | None) -> tf.data.Dataset:
         if random_access:
             images, labels = source.splits[split]
-            ds = data_order.permuted_examples(images, labels, seed, first, num_epochs)
+            ds, example_at = data_order.permuted_examples(images, labels, seed, first, num_epochs)
+
+            def prepare(position):
+                return preprocess_fn(example_at(position), seed, position)
         else:
             # A buffer larger than the split would only hold repeats of it (and take long to fill).
             size = _split_size(source, split) if split is not None else None
             ds = raw.repeat(count=num_epochs)
             ds = ds.shuffle(min(SHUFFLE_BUFFER_SIZE, size or SHUFFLE_BUFFER_SIZE), seed=data_order.shuffle_seed(seed))
             ds = ds.enumerate()
+
+            def prepare(position, example):
+                return preprocess_fn(example, seed, position)
         ds = ds.with_options(_dataset_options())
-        ds = ds.map(lambda position, example: preprocess_fn(example, seed, position),
-                    num_parallel_calls=tf.data.AUTOTUNE)
+        ds = ds.map(prepare, num_parallel_calls=tf.data.AUTOTUNE)
         for size in reversed(batch_dims):
             ds = ds.batch(size, drop_remainder=True)
         return ds.prefetch(tf.data.AUTOTUNE)
