@@ -36,7 +36,7 @@ import socket
 import tarfile
 import threading
 import urllib.parse
-from typing import TYPE_CHECKING, Any, Callable, Iterable
+from typing import TYPE_CHECKING, Any, Iterable
 
 import numpy as np
 import tensorflow as tf
@@ -44,7 +44,7 @@ import tensorflow as tf
 if TYPE_CHECKING:
     import tensorflow_datasets as tfds
 
-from score_sde import data_order, parallel
+from score_sde import data_order, data_scaling, parallel
 
 FASHION_MNIST_DEFAULT_DIR = "/usr/share/datasets/fashion-mnist"
 CIFAR10_BINARY_TARBALL = "cifar-10-binary.tar.gz"
@@ -68,22 +68,9 @@ class DatasetUnavailableError(RuntimeError):
     """The requested data is not on this machine and cannot be downloaded; the message says how to provide it."""
 
 
-# ----------------------------------------------------------------------------------------------
-# Scalers
-# ----------------------------------------------------------------------------------------------
-
-def get_data_scaler(config) -> Callable[[Any], Any]:
-    """Map data in ``[0, 1]`` to the model's range: ``[-1, 1]`` when ``config.data.centered``, else unchanged."""
-    if config.data.centered:
-        return lambda x: x * 2.0 - 1.0
-    return lambda x: x
-
-
-def get_data_inverse_scaler(config) -> Callable[[Any], Any]:
-    """Inverse of :func:`get_data_scaler`: model range back to ``[0, 1]``."""
-    if config.data.centered:
-        return lambda x: (x + 1.0) / 2.0
-    return lambda x: x
+# The scalers live in a module without TensorFlow; the original's API has them here.
+get_data_scaler = data_scaling.get_data_scaler
+get_data_inverse_scaler = data_scaling.get_data_inverse_scaler
 
 
 # ----------------------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ import logging
 import os
 import time
 
-from score_sde import checkpoints, eval_records, parallel
+from score_sde import checkpoints, parallel
 
 # Seconds between looks for a checkpoint that has not arrived yet (the original waited 60 s).
 CHECKPOINT_POLL_S = 60.0
@@ -116,6 +116,8 @@ def check_checkpoints_present(checkpoint_dir: str, first: int, last: int, wait_s
 
 def check_result_settings(eval_dir: str, settings: dict) -> dict:
     """Refuse to add results to ``eval_dir`` when they were computed with other settings; returns what to record."""
+    from score_sde import eval_records  # noqa: PLC0415 (TensorFlow's file API: not for --mode sample)
+
     recorded = eval_records.load_settings(eval_dir)
     differences = eval_records.settings_differences(recorded, settings) if recorded is not None else []
     if differences:

@@ -18,7 +18,7 @@ import numpy as np
 import sampling
 import sde_lib
 from models import utils as mutils
-from score_sde import checkpoints, datasets, eval_checks, ode, parallel, reporting, sample_plots
+from score_sde import checkpoints, data_scaling, eval_checks, ode, parallel, reporting, sample_plots
 from score_sde.train_checkpoints import eval_state_template
 from score_sde.train_steps import device_keys
 
@@ -106,7 +106,7 @@ def _plot_score_field(config, sde, model, state, sampling_eps: float, shape, pat
     """``score_field.png`` of 2-D data: the model's score at a few times and the recorded paths (data space)."""
     score_fn = mutils.get_score_fn(sde, model, state.params_ema, state.model_state, train=False,
                                    continuous=config.training.continuous)
-    scaler = datasets.get_data_scaler(config)  # the score is taken in model space; the scalers scale by > 0
+    scaler = data_scaling.get_data_scaler(config)  # the score is taken in model space; the scalers scale by > 0
     batched = jax.jit(lambda points, t: score_fn(scaler(points).reshape((-1,) + tuple(shape[1:])), t).reshape(-1, 2))
 
     def field(points, t):
@@ -192,7 +192,7 @@ def sample(config, workdir: str) -> dict:
     shape = (global_batch // parallel.device_count(), config.data.image_size, config.data.image_size,
              config.data.num_channels)
     try:  # the samplers check their settings against the SDE here, before anything is compiled
-        sampling_fn = sampling.get_sampling_fn(config, sde, model, shape, datasets.get_data_inverse_scaler(config),
+        sampling_fn = sampling.get_sampling_fn(config, sde, model, shape, data_scaling.get_data_inverse_scaler(config),
                                                sampling_eps, record=_recording(config, shape))
     except (ValueError, NotImplementedError) as err:
         raise SamplingError(eval_checks.one_line(err)) from err

@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
 
@@ -166,6 +167,26 @@ def test_missing_checkpoint_through_main(tmp_path):
     assert len(error_lines) == 1 and "No checkpoint to sample from" in error_lines[0]
     assert "--mode train" in error_lines[0] and "Traceback" not in proc.stderr
     assert not workdir.exists()
+
+
+def test_main_samples_without_tensorflow(workdir, tmp_path):
+    """``main.py --mode sample`` writes its folder and never imports TensorFlow (seconds of startup saved)."""
+    from test_train import tiny_flags
+
+    shutil.copytree(workdir / "checkpoints", tmp_path / "run" / "checkpoints")
+    report_tf = ("import atexit, runpy, sys; "
+                 "atexit.register(lambda: print('tensorflow imported:', 'tensorflow' in sys.modules)); "
+                 "sys.argv = ['main.py'] + sys.argv[1:]; runpy.run_path('main.py', run_name='__main__')")
+    proc = subprocess.run(
+        [sys.executable, "-c", report_tf, "--config", "configs/vp/digits.py", "--workdir", str(tmp_path / "run"),
+         "--mode", "sample", *tiny_flags(), "--config.eval.batch_size=4", "--config.sampling.method=ddim",
+         "--config.sampling.steps=3"],
+        cwd=REPO, env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "tensorflow imported: False" in proc.stdout, proc.stdout[-2000:]
+    info = json.loads((tmp_path / "run" / "samples_ddim_ckpt_2" / "sample_info.json").read_text())
+    assert info["nfe"] == 3
+    assert (tmp_path / "run" / "samples_ddim_ckpt_2" / "grid_0.png").stat().st_size > 0
 
 
 def _sampler_and_state(workdir, config, record=None):
