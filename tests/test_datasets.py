@@ -236,6 +236,27 @@ def test_tfds_flips_and_dequantization(download_possible, monkeypatch):
     assert noise.min() > -1e-3 and noise.max() < 1 + 1e-3 and 0.45 < noise.mean() < 0.55
 
 
+def test_tfds_stream_is_seeded_and_reseeded_at_a_restart(download_possible, monkeypatch):
+    """A tfds pipeline reads the same batches (order, flips, noise) in two builds of one config; a restart at a
+    later step reads another, equally repeatable stream; another seed another one."""
+    monkeypatch.setattr(datasets, "SHUFFLE_BUFFER_SIZE", 64)
+    config = make_config("CIFAR10", 32, batch_size=8, random_flip=True)
+    config.seed, config.training.eval_freq = 1, 10
+
+    def batches(**kwargs):
+        ds = datasets.get_dataset(config, additional_dim=4, uniform_dequantization=True, **kwargs)[0]
+        return np.stack([batch["image"] for batch in ds.take(3).as_numpy_iterator()])
+
+    with tfds.testing.mock_data(num_examples=24):
+        first = batches()
+        np.testing.assert_array_equal(batches(), first)
+        restarted = batches(start_step=40)
+        np.testing.assert_array_equal(batches(start_step=40), restarted)
+        config.seed = 2
+        other_seed = batches()
+    assert not np.array_equal(restarted, first) and not np.array_equal(other_seed, first)
+
+
 def test_celeba_crop_and_resize(download_possible):
     with tfds.testing.mock_data(num_examples=4):
         raw = raw_split("celeb_a", "validation")
