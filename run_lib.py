@@ -156,7 +156,7 @@ def _train(config, workdir, changes, sample_dir, tb_dir, checkpoint_dir, checkpo
     # start where the run resumes (the step in the newest checkpoint's footer).
     n_jitted = config.training.n_jitted_steps
     candidates = resume_candidates(checkpoint_meta_dir, checkpoint_dir)
-    data_step = resume_step(checkpoint_meta_dir, checkpoint_dir)
+    data_step = resume_step(candidates)
 
     def training_batches(start_step: int) -> tuple[Iterator[dict], Iterator[dict]]:
         train_ds, eval_ds, _ = datasets.get_dataset(config, additional_dim=n_jitted, start_step=start_step,

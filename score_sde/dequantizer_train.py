@@ -187,7 +187,8 @@ def train_deq(config, workdir: str) -> mutils.State:
     n_jitted = config.training.n_jitted_steps
     train_ds, eval_ds, _ = datasets.get_dataset(
         config, additional_dim=n_jitted, uniform_dequantization=False,
-        start_step=train_checkpoints.resume_step(checkpoint_meta_dir, checkpoint_dir))
+        start_step=train_checkpoints.resume_step(train_checkpoints.resume_candidates(checkpoint_meta_dir,
+                                                                                     checkpoint_dir)))
     # Images stay in [0, 1]: the dequantiser reads them there, the loss scales them after adding the noise.
     train_iter = train_steps.numpy_batches(train_ds, lambda x: x)
     eval_iter = train_steps.numpy_batches(eval_ds, lambda x: x)

@@ -67,9 +67,8 @@ def resume_candidates(checkpoint_meta_dir: str, checkpoint_dir: str) -> list[str
     return [path for _, path in sorted(found, reverse=True)]
 
 
-def resume_step(checkpoint_meta_dir: str, checkpoint_dir: str) -> int:
-    """The training step a run of these folders resumes at, as the newest checkpoint's footer says (0: none)."""
-    candidates = resume_candidates(checkpoint_meta_dir, checkpoint_dir)
+def resume_step(candidates: list[str]) -> int:
+    """The step a run resumes at, as the footer of the first of its :func:`resume_candidates` says (0: none)."""
     return (checkpoints.checkpoint_step(candidates[0]) or 0) if candidates else 0
 
 
