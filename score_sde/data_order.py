@@ -40,8 +40,11 @@ def stream_seed(config, split: int, reseed: int = 0) -> tf.Tensor:
 
 
 def shuffle_seed(seed: tf.Tensor) -> int:
-    """A Python int for ``Dataset.shuffle`` and tfds' file shuffling, drawn from a stream seed."""
-    return int(np.uint64(np.asarray(seed)[0]) % np.uint64(2**31 - 1))
+    """A Python int for ``Dataset.shuffle`` and tfds' file shuffling, drawn from a stream seed.
+
+    Drawn with the whole seed: ``stateless_fold_in`` puts the folded value in the second element.
+    """
+    return int(tf.random.stateless_uniform([], seed, minval=0, maxval=2**31 - 1, dtype=tf.int64))
 
 
 def permuted_examples(images: np.ndarray, labels: np.ndarray, seed: tf.Tensor, first: int,

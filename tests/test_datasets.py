@@ -236,15 +236,17 @@ def test_tfds_flips_and_dequantization(download_possible, monkeypatch):
     assert noise.min() > -1e-3 and noise.max() < 1 + 1e-3 and 0.45 < noise.mean() < 0.55
 
 
-def test_tfds_stream_is_seeded_and_reseeded_at_a_restart(download_possible, monkeypatch):
-    """A tfds pipeline reads the same batches (order, flips, noise) in two builds of one config; a restart at a
-    later step reads another, equally repeatable stream; another seed another one."""
+@pytest.mark.parametrize("augmented", [False, True])
+def test_tfds_stream_is_seeded_and_reseeded_at_a_restart(download_possible, monkeypatch, augmented):
+    """A tfds pipeline reads the same batches (order; flips and noise when on) in two builds of one config; a
+    restart at a later step reads another, equally repeatable stream; another seed another one. Without
+    augmentation only the order can differ."""
     monkeypatch.setattr(datasets, "SHUFFLE_BUFFER_SIZE", 64)
-    config = make_config("CIFAR10", 32, batch_size=8, random_flip=True)
+    config = make_config("CIFAR10", 32, batch_size=8, random_flip=augmented)
     config.seed, config.training.eval_freq = 1, 10
 
     def batches(**kwargs):
-        ds = datasets.get_dataset(config, additional_dim=4, uniform_dequantization=True, **kwargs)[0]
+        ds = datasets.get_dataset(config, additional_dim=4, uniform_dequantization=augmented, **kwargs)[0]
         return np.stack([batch["image"] for batch in ds.take(3).as_numpy_iterator()])
 
     with tfds.testing.mock_data(num_examples=24):
