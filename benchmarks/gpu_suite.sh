@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
-# One prepared run of the GPU benchmarks of docs/performance.md ("GPU recipe"): ours and the original PyTorch port
+# One prepared run of the GPU benchmarks of docs/performance.md ("GPU figures"): ours and the original PyTorch port
 # on the same accelerator, one after the other, for the benchmark DDPM++ and the full vp/cifar10_ddpmpp_continuous
 # at batch 128: train step, one score evaluation, PC sampler, likelihood per NFE. Ends within SUITE_SECONDS
 # (default 480): each part runs under `timeout` with the smaller of its own cap and the time left, most important
-# first (the PyTorch port, then our train steps, PC samplers, likelihoods, fast samplers); a part cut or failed is
-# named in the log and leaves a gap in the tables, not a stop.
+# first (the PyTorch port, then our train steps, PC samplers, likelihoods, fast samplers, fused train steps, memory);
+# a part cut or failed is named in the log and leaves a gap in the tables, not a stop. PARTS (default all: "port
+# train sampling likelihood fast fused memory") runs only the parts named, e.g. those a cut run left out.
 #
 #   bash benchmarks/gpu_suite.sh              # on the accelerator machine
+#   PARTS="train likelihood" bash benchmarks/gpu_suite.sh
 #   bash benchmarks/gpu_suite.sh --cpu-smoke  # the same code paths on a CPU, tiny model (minutes, nothing to read)
 #   bash benchmarks/gpu_suite.sh --prepare    # here, with a package index: fetch what the offline machine lacks
 #
@@ -79,6 +81,14 @@ else
   MEMORY_CONFIG=ve/celebahq_256_ncsnpp_continuous
 fi
 START=$SECONDS
+PARTS=" ${PARTS:-port train sampling likelihood fast fused memory} "
+for name in $PARTS; do
+  case " port train sampling likelihood fast fused memory " in
+    *" $name "*) ;;
+    *) echo "PARTS: no part '$name' (parts: port train sampling likelihood fast fused memory)" >&2; exit 2 ;;
+  esac
+done
+wanted() { [[ "$PARTS" == *" $1 "* ]]; }
 
 if compgen -G "$WHEELS/*.whl" > /dev/null; then
   "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/gpu_suite_site \
@@ -123,39 +133,57 @@ part() {
 
 big() { [ "$1" = full ] && echo "$2" || echo "$3"; }  # the full model's cap, else the smaller one
 
-if [ -f "$PORT/models/ncsnpp.py" ]; then
-  for label in $LABELS; do
-    part "PyTorch port, $label" "$(big "$label" 90 60)" "$TORCH_PYTHON" benchmarks/pytorch_port.py --port "$PORT" \
-      --device "$TORCH_DEVICE" --config "${CONFIG[$label]}" --batch "$BATCH" --reps "$REPS" --n "$PC_N" \
-      --tol "$TOL" "${TORCH_THREADS[@]}" --out "$WORK/pytorch_$label.json"
-  done
-else
-  echo "=== PyTorch port: skipped, no runnable copy in $PORT (see the head of this script)"
+# Caps from the first H200 run (2026-12-04, docs/performance.md "GPU figures"): the port took 34 s (benchmark) and
+# 50 s (full); our benchmark train step compiled in 50 s, the score evaluation with the PC sampler took 42 s and 72 s.
+if wanted port; then
+  if [ -f "$PORT/models/ncsnpp.py" ]; then
+    for label in $LABELS; do
+      part "PyTorch port, $label" "$(big "$label" 90 60)" "$TORCH_PYTHON" benchmarks/pytorch_port.py --port "$PORT" \
+        --device "$TORCH_DEVICE" --config "${CONFIG[$label]}" --batch "$BATCH" --reps "$REPS" --n "$PC_N" \
+        --tol "$TOL" "${TORCH_THREADS[@]}" --out "$WORK/pytorch_$label.json"
+    done
+  else
+    echo "=== PyTorch port: skipped, no runnable copy in $PORT (see the head of this script)"
+  fi
 fi
-for label in $LABELS; do
-  # One step per call beside the port's; the benchmark model also with 5 fused (the configs' n_jitted_steps): the
-  # full model's 5 fused steps would take minutes to compile.
-  part "ours, train step, $label" "$(big "$label" 150 120)" "$PYTHON" benchmarks/train_step.py \
-    --config "${CONFIG[$label]}" --batch "$BATCH" --reps "$REPS" --fused "$(big "$label" 1 "$FUSED")" "${ONE_DEVICE[@]}" \
-    --out "$WORK/train_step_$label.json"
-done
-for label in $LABELS; do
-  part "ours, score evaluation and PC sampler, $label" "$(big "$label" 120 90)" "$PYTHON" benchmarks/sampling.py \
-    --config "${CONFIG[$label]}" --batch "$BATCH" --reps 2 --n "$PC_N" --skip_ode --skip_fast \
-    --out "$WORK/sampling_$label.json"
-done
-for label in $LABELS; do
-  part "ours, likelihood, $label" "$(big "$label" 150 90)" "$PYTHON" benchmarks/likelihood.py \
-    --config "${CONFIG[$label]}" --batch "$BATCH" --solvers jax --rtol "$TOL" --atol "$TOL" --floor_reps 5 \
-    --out "$WORK/likelihood_$label.json"
-done
+if wanted train; then
+  for label in $LABELS; do  # one step per call, beside the port's
+    part "ours, train step, $label" "$(big "$label" 240 120)" "$PYTHON" benchmarks/train_step.py \
+      --config "${CONFIG[$label]}" --batch "$BATCH" --reps "$REPS" --fused 1 "${ONE_DEVICE[@]}" \
+      --out "$WORK/train_step_$label.json"
+  done
+fi
+if wanted sampling; then
+  for label in $LABELS; do
+    part "ours, score evaluation and PC sampler, $label" "$(big "$label" 120 90)" "$PYTHON" benchmarks/sampling.py \
+      --config "${CONFIG[$label]}" --batch "$BATCH" --reps 2 --n "$PC_N" --skip_ode --skip_fast \
+      --out "$WORK/sampling_$label.json"
+  done
+fi
+if wanted likelihood; then
+  for label in $LABELS; do
+    part "ours, likelihood, $label" "$(big "$label" 240 120)" "$PYTHON" benchmarks/likelihood.py \
+      --config "${CONFIG[$label]}" --batch "$BATCH" --solvers jax --rtol "$TOL" --atol "$TOL" --floor_reps 5 \
+      --out "$WORK/likelihood_$label.json"
+  done
+fi
 label=${LABELS%% *}
-part "ours, fast samplers, $label" 120 "$PYTHON" benchmarks/sampling.py --config "${CONFIG[$label]}" \
-  --batch "$BATCH" --reps 2 --skip_pc --skip_ode --fast "$FAST" --out "$WORK/fastsamplers_$label.json"
-# Last, if time is left: XLA's compiled memory of the 256² train step with and without remat (on XLA:CPU remat
-# saved nothing, docs/performance.md "Memory"); the table goes to suite.log, the bytes next to the summary.
-part "ours, XLA memory with and without remat, $MEMORY_CONFIG" 120 "$PYTHON" benchmarks/memory.py \
-  --configs "$MEMORY_CONFIG" --method xla --variants float32,remat --out "$OUT/memory_xla_256.json"
+if wanted fast; then
+  part "ours, fast samplers, $label" 150 "$PYTHON" benchmarks/sampling.py --config "${CONFIG[$label]}" \
+    --batch "$BATCH" --reps 2 --skip_pc --skip_ode --fast "$FAST" --out "$WORK/fastsamplers_$label.json"
+fi
+if wanted fused; then
+  # The configs' n_jitted_steps fused into one call, benchmark model only: one program of FUSED unrolled steps,
+  # whose compilation grows faster than FUSED (docs/performance.md, "Compilation").
+  part "ours, $FUSED fused train steps, $label" 240 "$PYTHON" benchmarks/train_step.py --config "${CONFIG[$label]}" \
+    --batch "$BATCH" --reps "$REPS" --fused "$FUSED" "${ONE_DEVICE[@]}" --out "$WORK/train_step_fused_$label.json"
+fi
+if wanted memory; then
+  # XLA's compiled memory of the 256² train step with and without remat (on XLA:CPU remat saved nothing,
+  # docs/performance.md "Memory"); the table goes to suite.log, the bytes next to the summary.
+  part "ours, XLA memory with and without remat, $MEMORY_CONFIG" 120 "$PYTHON" benchmarks/memory.py \
+    --configs "$MEMORY_CONFIG" --method xla --variants float32,remat --out "$OUT/memory_xla_256.json"
+fi
 
 summarize
 echo "=== suite finished in $((SECONDS - START)) s; results in $OUT"

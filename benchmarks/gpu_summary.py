@@ -1,18 +1,19 @@
-"""The tables of ``docs/performance.md``'s GPU recipe from the JSON files of ``benchmarks/gpu_suite.sh``.
+"""The tables of ``docs/performance.md``'s GPU figures from the JSON files of ``benchmarks/gpu_suite.sh``.
 
 Reads every ``*.json`` a benchmark wrote with ``--out`` into ``FOLDER`` (named ``<script>_<label>.json`` by the
 suite, ``label`` the model: ``benchmark`` or ``full``), writes them merged into one file and prints, per model, our
 figures beside the PyTorch port's with their ratios:
 
-* train step: median seconds per step, one step per call (and ``n`` fused per call, ours only); ours / PyTorch < 1
-  means ours is faster (the goal: ≤ 1);
+* train step: median seconds per step, one step per call (and ``n`` fused per call, ours only, from
+  ``train_step_fused_<label>.json`` too); ours / PyTorch < 1 means ours is faster (the goal: ≤ 1);
 * one score evaluation: seconds;
 * PC sampler: seconds per step (two score evaluations) and per evaluation / one score evaluation (the goal: ≤ 1.05);
 * likelihood: NFE and seconds per NFE (ours: the JAX solver, one compiled program; the port: scipy RK45), and ours per
   NFE / our floor (one drift + divergence evaluation);
 * fast samplers (``fastsamplers_<label>.json``): NFE, seconds per evaluation and its ratio to one score evaluation.
 
-This script runs nothing on a device: the backend line it prints is the one the benchmarks recorded.
+This script runs nothing on a device: the backend line it prints is the one the benchmarks recorded. ``FOLDER`` may
+also hold ``results.json`` files of earlier runs (renamed apart): their parts join the tables.
 
     python benchmarks/gpu_summary.py FOLDER [--merged results.json] [--markdown summary.md]
 """
@@ -25,11 +26,20 @@ import os
 
 
 def load(folder: str) -> dict:
-    """``{file stem: contents}`` of the JSON files in ``folder``."""
+    """``{part: contents}`` of the JSON files in ``folder``, by file stem.
+
+    A file written with ``--merged`` (``results.json``: ``{part: contents}``) adds its parts, so the results of two
+    suite runs (the second with ``PARTS`` of what the first left out) make one table; files are read in name order,
+    and a later file's part replaces an earlier one's.
+    """
     runs = {}
     for path in sorted(glob.glob(os.path.join(folder, "*.json"))):
         with open(path) as f:
-            runs[os.path.splitext(os.path.basename(path))[0]] = json.load(f)
+            data = json.load(f)
+        if "script" not in data and data and all(isinstance(v, dict) and "script" in v for v in data.values()):
+            runs.update(data)
+        else:
+            runs[os.path.splitext(os.path.basename(path))[0]] = data
     return runs
 
 
@@ -63,8 +73,10 @@ def model_table(runs: dict, label: str) -> str:
     settings = next((r["settings"] for r in (train, sampling, lik, torch) if r), {})
     lines = [f"### {label}: --config {settings.get('config', '?')}, batch {settings.get('batch', '?')}", "",
              "| figure | ours | PyTorch port | ours / PyTorch |", "|---|---|---|---|"]
-    devices = _get(train, "devices") or {}
-    steps = next(iter(devices.values()), {}).get("steps", {}) if devices else {}
+    steps = {}
+    for run in (train, runs.get(f"train_step_fused_{label}")):  # the suite times fused steps in a later part
+        devices = _get(run, "devices") or {}
+        steps.update(next(iter(devices.values()), {}).get("steps", {}) if devices else {})
     ours_step = steps.get("1", {}).get("median_s_per_step")
     torch_step = _get(torch, "train_step", "median_s_per_step")
     lines.append(f"| train step, s (median, 1 per call) | {_fmt(ours_step)} | {_fmt(torch_step)} | "

@@ -5,15 +5,16 @@ The model is ``--config`` (``benchmarks/common.py``): by default the benchmark D
 ``attn_resolutions=(16,)``, 1,754,147 parameters; 32×32×3 images, VP SDE); ``--config
 vp/cifar10_ddpmpp_continuous`` is the full DDPM++. Each figure is min / median over repeated calls after
 compilation, for the pmapped train step as ``run_lib.train`` runs it (``score_sde.train_steps``, which imports
-no TensorFlow): one step per call (``n_jitted_steps=1``) and ``n`` steps fused into one call (``fuse_steps``;
-``--fused``, per step).
+no TensorFlow), for each number of steps per call in ``--fused`` (``n_jitted_steps``; ``n > 1`` are fused into one
+call by ``fuse_steps``), per step. Each count compiles its own program once (it has no figure on its own: the first
+call's time, compilation included, is recorded as ``first_call_s``).
 
 On a CPU backend ``--devices 1,2`` (the default there) runs once per device count; counts other than this
 process's run in a subprocess with ``XLA_FLAGS=--xla_force_host_platform_device_count=N`` (the same cores, so
 this shows the cost of data parallelism, not a speed-up). On an accelerator the step runs on the machine's
 devices, global batch split across them.
 
-    python benchmarks/train_step.py [--config benchmark] [--batch 8] [--reps 10] [--fused 5] [--devices 1,2]
+    python benchmarks/train_step.py [--config benchmark] [--batch 8] [--reps 10] [--fused 1,5] [--devices 1,2]
                                     [--out results.json]
 
 Anchors (this kind of 2-core CPU, see docs/performance.md): PyTorch port full step 0.253 s min /
@@ -28,6 +29,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from typing import Sequence
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -49,7 +51,7 @@ def _time(fn, reps: int) -> tuple[float, float]:
     return float(np.min(times)), float(np.median(times))
 
 
-def run(config_name: str, batch_size: int, reps: int, fused: int) -> dict:
+def run(config_name: str, batch_size: int, reps: int, fused: Sequence[int]) -> dict:
     """Time this process's devices; prints one line per figure and returns them (seconds per step)."""
     import jax
     import numpy as np
@@ -73,7 +75,7 @@ def run(config_name: str, batch_size: int, reps: int, fused: int) -> dict:
           f"{config.data.image_size}x{config.data.image_size}x{config.data.num_channels}", flush=True)
     result = {"devices": n_dev, "params": num_params, "steps": {}}
 
-    for n_steps in sorted({1, fused}):
+    for n_steps in fused:
         images = rng.uniform(-1, 1, (n_dev, n_steps, per_device) + shape).astype(np.float32)
         batch = {"image": jax.device_put(images)}
         carry = [jax.random.PRNGKey(1), parallel.replicate(state)]
@@ -107,17 +109,29 @@ def run_in_subprocess(n: int, args) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "child.json")
         cmd = [sys.executable, os.path.abspath(__file__), "--child_out", out, "--config", args.config, "--batch",
-               str(args.batch), "--reps", str(args.reps), "--fused", str(args.fused)]
+               str(args.batch), "--reps", str(args.reps), "--fused", ",".join(map(str, args.fused))]
         subprocess.run(cmd, env=env, check=True)
         with open(out) as f:
             return json.load(f)
+
+
+def _step_counts(text: str) -> list[int]:
+    """``'1,5'`` -> ``[1, 5]``: distinct positive counts, in order."""
+    try:
+        counts = [int(part) for part in text.split(",")]
+    except ValueError:
+        counts = []
+    if not counts or min(counts) < 1:
+        raise argparse.ArgumentTypeError(f"--fused {text!r}: give positive step counts separated by commas, e.g. 1,5")
+    return list(dict.fromkeys(counts))
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     common.add_arguments(parser)
     parser.add_argument("--reps", type=int, default=10)
-    parser.add_argument("--fused", type=int, default=5, help="steps fused per call (n_jitted_steps)")
+    parser.add_argument("--fused", type=_step_counts, default="1,5",
+                        help="comma-separated steps per call (n_jitted_steps) to time, each its own program")
     parser.add_argument("--devices", help="CPU only: comma-separated device counts to run (default 1,2 on a CPU; "
                                           "on an accelerator the machine's devices)")
     parser.add_argument("--child_out", help=argparse.SUPPRESS)

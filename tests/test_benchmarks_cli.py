@@ -2,6 +2,7 @@
 asserted): the backend line printed first, ``--config`` / ``--batch`` honoured, the ``--out`` JSON fields, and the
 table benchmarks/gpu_summary.py makes of each file. Each test runs one script (the tests stay independent under
 pytest-xdist)."""
+import argparse
 import contextlib
 import io
 import json
@@ -55,6 +56,39 @@ def test_train_step_cli(tmp_path):
     assert 0 < step["min_s_per_step"] <= step["median_s_per_step"]
     assert 0 < step["second_call_s"] < step["first_call_s"]
     assert f"| train step, s (median, 1 per call) | {step['median_s_per_step']:.4f} | — | — |" in text  # no port
+
+
+def test_fused_counts_and_their_table_rows():
+    assert train_step._step_counts("5") == [5] and train_step._step_counts("1,5,1") == [1, 5]
+    for bad in ("0", "1,x", ""):
+        with pytest.raises(argparse.ArgumentTypeError, match="--fused"):
+            train_step._step_counts(bad)
+
+    def train_run(steps):
+        return {"backend": {"platform": "gpu"}, "settings": {"config": "benchmark", "batch": 128},
+                "results": {"devices": {"1": {"steps": {n: {"median_s_per_step": s} for n, s in steps.items()}}}}}
+
+    # The suite times one step per call early and fused steps in a later part: one table shows both.
+    text = gpu_summary.model_table({"train_step_benchmark": train_run({"1": 0.03}),
+                                    "train_step_fused_benchmark": train_run({"5": 0.02}),
+                                    "pytorch_benchmark": {"results": {"train_step": {"median_s_per_step": 0.09}}}},
+                                   "benchmark")
+    assert "| train step, s (median, 1 per call) | 0.0300 | 0.0900 | 0.33 |" in text
+    assert "| train step, s (median, 5 fused per call) | 0.0200 | — | 0.22 |" in text
+
+
+def test_summary_joins_the_merged_results_of_two_runs(tmp_path):
+    def run_file(script, figures):
+        return {"script": script, "backend": {"platform": "gpu"}, "settings": {"config": "benchmark", "batch": 128},
+                "results": figures}
+
+    first = {"pytorch_benchmark": run_file("pytorch_port", {"score_eval": {"wall_s": 0.02}})}
+    second = {"sampling_benchmark": run_file("sampling", {"score_eval": {"wall_s": 0.004}})}
+    (tmp_path / "results_1.json").write_text(json.dumps(first))
+    (tmp_path / "results_2.json").write_text(json.dumps(second))
+    runs = gpu_summary.load(str(tmp_path))
+    assert sorted(runs) == ["pytorch_benchmark", "sampling_benchmark"]
+    assert "| one score evaluation, s (min) | 0.0040 | 0.0200 | 0.20 |" in gpu_summary.summary(runs)
 
 
 def test_sampling_cli(tmp_path):
