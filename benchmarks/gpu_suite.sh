@@ -3,7 +3,8 @@
 # on the same accelerator, one after the other, for the benchmark DDPM++ and the full vp/cifar10_ddpmpp_continuous
 # at batch 128: train step, one score evaluation, PC sampler, likelihood per NFE. Ends within SUITE_SECONDS
 # (default 480): each part runs under `timeout` with the smaller of its own cap and the time left, most important
-# first (the PyTorch port, then our train steps, PC samplers, likelihoods, fast samplers, fused train steps, memory);
+# first (the PyTorch port, then our train steps, PC samplers, likelihoods, fast samplers, fused train steps, memory,
+# unrolled fused train steps);
 # a part cut or failed is named in the log and leaves a gap in the tables, not a stop. PARTS (default all: "port
 # train sampling likelihood fast fused memory") runs only the parts named, e.g. those a cut run left out.
 #
@@ -81,11 +82,11 @@ else
   MEMORY_CONFIG=ve/celebahq_256_ncsnpp_continuous
 fi
 START=$SECONDS
-PARTS=" ${PARTS:-port train sampling likelihood fast fused memory} "
+PARTS=" ${PARTS:-port train sampling likelihood fast fused memory unroll} "
 for name in $PARTS; do
-  case " port train sampling likelihood fast fused memory " in
+  case " port train sampling likelihood fast fused memory unroll " in
     *" $name "*) ;;
-    *) echo "PARTS: no part '$name' (parts: port train sampling likelihood fast fused memory)" >&2; exit 2 ;;
+    *) echo "PARTS: no part '$name' (parts: port train sampling likelihood fast fused memory unroll)" >&2; exit 2 ;;
   esac
 done
 wanted() { [[ "$PARTS" == *" $1 "* ]]; }
@@ -173,16 +174,23 @@ if wanted fast; then
     --batch "$BATCH" --reps 2 --skip_pc --skip_ode --fast "$FAST" --out "$WORK/fastsamplers_$label.json"
 fi
 if wanted fused; then
-  # The configs' n_jitted_steps fused into one call, benchmark model only: one program of FUSED unrolled steps,
-  # whose compilation grows faster than FUSED (docs/performance.md, "Compilation").
-  part "ours, $FUSED fused train steps, $label" 240 "$PYTHON" benchmarks/train_step.py --config "${CONFIG[$label]}" \
-    --batch "$BATCH" --reps "$REPS" --fused "$FUSED" "${ONE_DEVICE[@]}" --out "$WORK/train_step_fused_$label.json"
+  # The configs' n_jitted_steps fused into one call, benchmark model only, in lax.scan (what 'auto' runs off a CPU).
+  part "ours, $FUSED fused train steps (scan), $label" 240 "$PYTHON" benchmarks/train_step.py \
+    --config "${CONFIG[$label]}" --batch "$BATCH" --reps "$REPS" --fused "$FUSED" --fuse_with scan "${ONE_DEVICE[@]}" \
+    --out "$WORK/train_step_fused_$label.json"
 fi
 if wanted memory; then
   # XLA's compiled memory of the 256² train step with and without remat (on XLA:CPU remat saved nothing,
   # docs/performance.md "Memory"); the table goes to suite.log, the bytes next to the summary.
   part "ours, XLA memory with and without remat, $MEMORY_CONFIG" 120 "$PYTHON" benchmarks/memory.py \
     --configs "$MEMORY_CONFIG" --method xla --variants float32,remat --out "$OUT/memory_xla_256.json"
+fi
+if wanted unroll; then
+  # The same steps unrolled (what 'auto' runs on a CPU): one copy of the step per fused step, whose compilation grows
+  # faster than FUSED (docs/performance.md, "Compilation").
+  part "ours, $FUSED fused train steps (unrolled), $label" 300 "$PYTHON" benchmarks/train_step.py \
+    --config "${CONFIG[$label]}" --batch "$BATCH" --reps "$REPS" --fused "$FUSED" --fuse_with unroll \
+    "${ONE_DEVICE[@]}" --out "$WORK/train_step_unrolled_$label.json"
 fi
 
 summarize

@@ -5,7 +5,8 @@ suite, ``label`` the model: ``benchmark`` or ``full``), writes them merged into 
 figures beside the PyTorch port's with their ratios:
 
 * train step: median seconds per step, one step per call (and ``n`` fused per call, ours only, from
-  ``train_step_fused_<label>.json`` too); ours / PyTorch < 1 means ours is faster (the goal: ≤ 1);
+  ``train_step_fused_<label>.json`` and ``train_step_unrolled_<label>.json`` too, with their fusion); ours / PyTorch
+  < 1 means ours is faster (the goal: ≤ 1);
 * one score evaluation: seconds;
 * PC sampler: seconds per step (two score evaluations) and per evaluation / one score evaluation (the goal: ≤ 1.05);
 * likelihood: NFE and seconds per NFE (ours: the JAX solver, one compiled program; the port: scipy RK45), and ours per
@@ -73,17 +74,20 @@ def model_table(runs: dict, label: str) -> str:
     settings = next((r["settings"] for r in (train, sampling, lik, torch) if r), {})
     lines = [f"### {label}: --config {settings.get('config', '?')}, batch {settings.get('batch', '?')}", "",
              "| figure | ours | PyTorch port | ours / PyTorch |", "|---|---|---|---|"]
-    steps = {}
-    for run in (train, runs.get(f"train_step_fused_{label}")):  # the suite times fused steps in a later part
+    steps = {}  # {row name: figures}; the suite times fused steps in later parts, scanned and unrolled
+    for run in (train, runs.get(f"train_step_fused_{label}"), runs.get(f"train_step_unrolled_{label}")):
         devices = _get(run, "devices") or {}
-        steps.update(next(iter(devices.values()), {}).get("steps", {}) if devices else {})
-    ours_step = steps.get("1", {}).get("median_s_per_step")
+        first = next(iter(devices.values()), {}) if devices else {}
+        for n, figures in first.get("steps", {}).items():
+            how = f", {first['fusion']}" if n != "1" and "fusion" in first else ""
+            steps[f"{n} fused per call{how}" if n != "1" else "1 per call"] = figures
+    ours_step = steps.get("1 per call", {}).get("median_s_per_step")
     torch_step = _get(torch, "train_step", "median_s_per_step")
     lines.append(f"| train step, s (median, 1 per call) | {_fmt(ours_step)} | {_fmt(torch_step)} | "
                  f"{_ratio(ours_step, torch_step)} |")
-    for n, figures in sorted(steps.items(), key=lambda kv: int(kv[0])):
-        if n != "1":
-            lines.append(f"| train step, s (median, {n} fused per call) | {_fmt(figures['median_s_per_step'])} | — | "
+    for row, figures in steps.items():
+        if row != "1 per call":
+            lines.append(f"| train step, s (median, {row}) | {_fmt(figures['median_s_per_step'])} | — | "
                          f"{_ratio(figures['median_s_per_step'], torch_step)} |")
     ours_eval, torch_eval = _get(sampling, "score_eval", "wall_s"), _get(torch, "score_eval", "wall_s")
     lines.append(f"| one score evaluation, s (min) | {_fmt(ours_eval)} | {_fmt(torch_eval)} | "

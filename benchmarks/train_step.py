@@ -6,7 +6,7 @@ The model is ``--config`` (``benchmarks/common.py``): by default the benchmark D
 vp/cifar10_ddpmpp_continuous`` is the full DDPM++. Each figure is min / median over repeated calls after
 compilation, for the pmapped train step as ``run_lib.train`` runs it (``score_sde.train_steps``, which imports
 no TensorFlow), for each number of steps per call in ``--fused`` (``n_jitted_steps``; ``n > 1`` are fused into one
-call by ``fuse_steps``), per step. Each count compiles its own program once (it has no figure on its own: the first
+call by ``fuse_steps``, unrolled or in ``lax.scan``: ``--fuse_with``), per step. Each count compiles its own program once (it has no figure on its own: the first
 call's time, compilation included, is recorded as ``first_call_s``).
 
 On a CPU backend ``--devices 1,2`` (the default there) runs once per device count; counts other than this
@@ -14,7 +14,8 @@ process's run in a subprocess with ``XLA_FLAGS=--xla_force_host_platform_device_
 this shows the cost of data parallelism, not a speed-up). On an accelerator the step runs on the machine's
 devices, global batch split across them.
 
-    python benchmarks/train_step.py [--config benchmark] [--batch 8] [--reps 10] [--fused 1,5] [--devices 1,2]
+    python benchmarks/train_step.py [--config benchmark] [--batch 8] [--reps 10] [--fused 1,5]
+                                    [--fuse_with auto|unroll|scan] [--devices 1,2]
                                     [--out results.json]
 
 Anchors (this kind of 2-core CPU, see docs/performance.md): PyTorch port full step 0.253 s min /
@@ -51,7 +52,7 @@ def _time(fn, reps: int) -> tuple[float, float]:
     return float(np.min(times)), float(np.median(times))
 
 
-def run(config_name: str, batch_size: int, reps: int, fused: Sequence[int]) -> dict:
+def run(config_name: str, batch_size: int, reps: int, fused: Sequence[int], fuse_with: str = "auto") -> dict:
     """Time this process's devices; prints one line per figure and returns them (seconds per step)."""
     import jax
     import numpy as np
@@ -61,6 +62,7 @@ def run(config_name: str, batch_size: int, reps: int, fused: Sequence[int]) -> d
     from score_sde import parallel, train_steps
 
     config = common.load_config(config_name)
+    config.training.fuse_steps_with = fuse_with
     n_dev = parallel.local_device_count()
     if batch_size % n_dev:
         raise ValueError(f"--batch {batch_size} is not divisible by the {n_dev} local devices.")
@@ -73,7 +75,7 @@ def run(config_name: str, batch_size: int, reps: int, fused: Sequence[int]) -> d
     rng = np.random.default_rng(0)
     print(f"devices {n_dev} | params {num_params:,} | global batch {per_device * n_dev} | "
           f"{config.data.image_size}x{config.data.image_size}x{config.data.num_channels}", flush=True)
-    result = {"devices": n_dev, "params": num_params, "steps": {}}
+    result = {"devices": n_dev, "params": num_params, "fusion": train_steps.config_fusion(config), "steps": {}}
 
     for n_steps in fused:
         images = rng.uniform(-1, 1, (n_dev, n_steps, per_device) + shape).astype(np.float32)
@@ -94,7 +96,8 @@ def run(config_name: str, batch_size: int, reps: int, fused: Sequence[int]) -> d
         call()
         second_s = time.perf_counter() - t0
         lo, med = _time(call, max(reps // n_steps, 3))
-        print(f"train step, {n_steps} fused per call: {lo / n_steps:.4f} min / {med / n_steps:.4f} median s per step "
+        how = "" if n_steps == 1 else f" ({result['fusion']})"
+        print(f"train step, {n_steps} fused per call{how}: {lo / n_steps:.4f} min / {med / n_steps:.4f} median s per step "
               f"({n_steps / med:.2f} steps/s; first call incl. compilation {compile_s:.1f} s, second call "
               f"{second_s:.3f} s)", flush=True)
         result["steps"][str(n_steps)] = {"min_s_per_step": lo / n_steps, "median_s_per_step": med / n_steps,
@@ -109,7 +112,7 @@ def run_in_subprocess(n: int, args) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "child.json")
         cmd = [sys.executable, os.path.abspath(__file__), "--child_out", out, "--config", args.config, "--batch",
-               str(args.batch), "--reps", str(args.reps), "--fused", ",".join(map(str, args.fused))]
+               str(args.batch), "--reps", str(args.reps), "--fused", ",".join(map(str, args.fused)), "--fuse_with", args.fuse_with]
         subprocess.run(cmd, env=env, check=True)
         with open(out) as f:
             return json.load(f)
@@ -132,13 +135,16 @@ def main(argv=None) -> None:
     parser.add_argument("--reps", type=int, default=10)
     parser.add_argument("--fused", type=_step_counts, default="1,5",
                         help="comma-separated steps per call (n_jitted_steps) to time, each its own program")
+    parser.add_argument("--fuse_with", default="auto", choices=("auto", "unroll", "scan"),
+                        help="config.training.fuse_steps_with: how fused steps become one program (auto: unrolled "
+                             "on a CPU, lax.scan elsewhere)")
     parser.add_argument("--devices", help="CPU only: comma-separated device counts to run (default 1,2 on a CPU; "
                                           "on an accelerator the machine's devices)")
     parser.add_argument("--child_out", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child_out:
         with open(args.child_out, "w") as f:
-            json.dump(run(args.config, args.batch, args.reps, args.fused), f)
+            json.dump(run(args.config, args.batch, args.reps, args.fused, args.fuse_with), f)
         return
     backend = common.print_backend()
     on_cpu = backend["platform"] == "cpu"
@@ -152,8 +158,10 @@ def main(argv=None) -> None:
     results = {}
     for n in counts:
         same = n == backend["local_device_count"]
-        results[str(n)] = run(args.config, args.batch, args.reps, args.fused) if same else run_in_subprocess(n, args)
-    settings = {"config": args.config, "batch": args.batch, "reps": args.reps, "fused": args.fused}
+        results[str(n)] = (run(args.config, args.batch, args.reps, args.fused, args.fuse_with) if same
+                           else run_in_subprocess(n, args))
+    settings = {"config": args.config, "batch": args.batch, "reps": args.reps, "fused": args.fused,
+                "fuse_with": args.fuse_with}
     common.write_json(args.out, "train_step", backend, settings, {"devices": results})
 
 

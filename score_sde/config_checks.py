@@ -97,6 +97,7 @@ _CHOICES: tuple[_Choice, ...] = (
     _Choice('sampling.corrector', _correctors),
     _Choice('sampling.ode_solver', lambda: ('jax', 'scipy'), required=False),
     _Choice('model.dtype', lambda: ('float32', 'bfloat16'), required=False),  # models.utils.COMPUTE_DTYPES
+    _Choice('training.fuse_steps_with', lambda: ('auto', 'unroll', 'scan'), required=False),  # train_steps.FUSIONS
     _Choice('data.dataset', lambda: DATASETS),
     _Choice('deq.arch', _dequantizer_architectures, required=False),  # the Flow++ dequantiser (issue 15)
 )
@@ -209,7 +210,7 @@ SAFE_TO_CHANGE = (
     'training.n_iters', 'training.batch_size', 'training.n_jitted_steps', 'training.log_freq', 'training.eval_freq',
     'training.snapshot_freq', 'training.snapshot_freq_for_preemption', 'training.snapshot_sampling',
     'optim.lr', 'optim.warmup', 'optim.grad_clip', 'optim.weight_decay', 'optim.beta1', 'optim.eps',
-    'model.ema_rate', 'model.remat', 'model.dtype', 'data.data_dir', 'sampling', 'eval',
+    'model.ema_rate', 'model.remat', 'model.dtype', 'data.data_dir', 'sampling', 'eval', 'training.fuse_steps_with',
     'deq.n_iters',  # the dequantiser's run length (--mode train_deq), as training.n_iters
 )
 """Fields (or whole sections) that may differ between the runs of one training workdir.

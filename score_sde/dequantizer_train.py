@@ -134,8 +134,11 @@ def _make_steps(config, sde, score_model, deq_model) -> tuple[Callable, Callable
 
         return step_fn
 
+    how = train_steps.config_fusion(config)
+
     def p_step(train):
-        return lambda carry, score_state, batch: train_steps.fuse_steps(make_step(score_state, train))(carry, batch)
+        return lambda carry, score_state, batch: train_steps.fuse_steps(make_step(score_state, train), how)(carry,
+                                                                                                            batch)
 
     return (parallel.pmap(p_step(True), donate_argnums=(0,)), parallel.pmap(p_step(False)))
 

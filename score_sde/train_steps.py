@@ -5,6 +5,7 @@ and the mixture models of ``score_sde.mixture_training``.
 """
 from __future__ import annotations
 
+import functools
 from typing import Callable, Iterator
 
 import jax
@@ -33,16 +34,44 @@ def device_keys(rng: jax.Array) -> tuple[jax.Array, jax.Array]:
     return parallel.split_per_device(rng)
 
 
-def fuse_steps(step_fn: Callable) -> Callable:
+FUSIONS = ("auto", "unroll", "scan")
+"""Values of ``config.training.fuse_steps_with`` (absent: ``'auto'``); see :func:`fusion`."""
+
+
+def fusion(choice: str = "auto", backend: str | None = None) -> str:
+    """How ``n_jitted_steps`` steps are fused into one program: ``'unroll'`` or ``'scan'``.
+
+    ``'auto'`` unrolls on a CPU backend and scans elsewhere. On XLA:CPU (jax 0.10.2, 2 cores) a train step of the
+    digits DDPM++ inside ``lax.scan``'s while loop ran 5.5 s against 0.23 s unrolled (2026-12-03). Unrolling
+    compiles one copy of the step per fused step, and compile time grows faster than that: 94.8 s for 5 fused
+    digits steps against 20.6 s for one (docs/performance.md, "Compilation"); on an H200 one step of the benchmark
+    DDPM++ compiled in 50 s. GPUs and TPUs run ``lax.scan`` as the original did (its ``lax.scan`` over
+    ``n_jitted_steps``), compiling the step once. ``backend``: default ``jax.default_backend()``.
+    """
+    if choice not in FUSIONS:
+        raise ValueError(f"config.training.fuse_steps_with={choice!r} is not allowed; allowed values: "
+                         f"{', '.join(map(repr, FUSIONS))}")
+    if choice != "auto":
+        return choice
+    return "unroll" if (backend or jax.default_backend()) == "cpu" else "scan"
+
+
+def config_fusion(config) -> str:
+    """:func:`fusion` of ``config.training.fuse_steps_with`` (absent from the original's configs: ``'auto'``)."""
+    return fusion(config.training.get("fuse_steps_with", "auto"))
+
+
+def fuse_steps(step_fn: Callable, how: str = "unroll") -> Callable:
     """``fused((rng, state), batch) -> ((rng, state), losses)``: ``step_fn`` applied to each ``batch['image'][i]``.
 
-    Semantically ``functools.partial(jax.lax.scan, step_fn)`` as in the original, but unrolled
-    into straight-line code: on XLA:CPU (jax 0.10.2, 2 cores) a train step of the digits DDPM++
-    inside ``lax.scan``'s while loop ran 5.5 s against 0.23 s unrolled (2026-12-03). Unrolling
-    costs compile and cache-load time, which grow faster than the number of fused steps
-    (docs/performance.md, "Compilation"); on a CPU fusing buys little per step, hence the digits
-    configs' one step per call.
+    ``how='scan'``: ``functools.partial(jax.lax.scan, step_fn)``, the original's fusion; ``'unroll'``: the same
+    steps as straight-line code, one copy of the step per fused step (XLA:CPU runs ``lax.scan``'s loop slowly;
+    :func:`fusion` says which to use where).
     """
+    if how == "scan":
+        return functools.partial(jax.lax.scan, step_fn)
+    if how != "unroll":
+        raise ValueError(f"fuse_steps(how={how!r}): 'unroll' or 'scan'")
 
     def fused(carry, batch):
         n = batch["image"].shape[0]
@@ -60,7 +89,8 @@ def make_train_and_eval_steps(config, sde: sde_lib.SDE, model) -> tuple[Callable
 
     ``p_train_step((keys, pstate), batch) -> ((keys, pstate), losses)`` runs
     ``n = batch['image'].shape[1]`` training steps per device fused into one call (see
-    :func:`fuse_steps`; ``batch['image']``: ``(local_devices, n, per_device_batch, H, W, C)``);
+    :func:`fuse_steps`, unrolled or scanned as :func:`config_fusion` says; ``batch['image']``:
+    ``(local_devices, n, per_device_batch, H, W, C)``);
     ``losses`` is ``(local_devices, n)``. The input state is donated (do not reuse it).
     ``p_eval_step`` has the same signature, scores ``params_ema`` and changes nothing.
     """
@@ -71,6 +101,7 @@ def make_train_and_eval_steps(config, sde: sde_lib.SDE, model) -> tuple[Callable
                   smallest_time=config.training.get("smallest_time", 1e-5))
     train_step = losses.get_step_fn(sde, model, train=True, optimize_fn=losses.optimization_manager(config), **kwargs)
     eval_step = losses.get_step_fn(sde, model, train=False, **kwargs)
-    p_train_step = parallel.pmap(fuse_steps(train_step), donate_argnums=(0,))
-    p_eval_step = parallel.pmap(fuse_steps(eval_step))
+    how = config_fusion(config)
+    p_train_step = parallel.pmap(fuse_steps(train_step, how), donate_argnums=(0,))
+    p_eval_step = parallel.pmap(fuse_steps(eval_step, how))
     return p_train_step, p_eval_step

@@ -55,6 +55,7 @@ def test_train_step_cli(tmp_path):
     step = data["results"]["devices"]["1"]["steps"]["1"]
     assert 0 < step["min_s_per_step"] <= step["median_s_per_step"]
     assert 0 < step["second_call_s"] < step["first_call_s"]
+    assert data["results"]["devices"]["1"]["fusion"] == "unroll"  # 'auto' on a CPU
     assert f"| train step, s (median, 1 per call) | {step['median_s_per_step']:.4f} | — | — |" in text  # no port
 
 
@@ -64,17 +65,20 @@ def test_fused_counts_and_their_table_rows():
         with pytest.raises(argparse.ArgumentTypeError, match="--fused"):
             train_step._step_counts(bad)
 
-    def train_run(steps):
+    def train_run(steps, fusion):
         return {"backend": {"platform": "gpu"}, "settings": {"config": "benchmark", "batch": 128},
-                "results": {"devices": {"1": {"steps": {n: {"median_s_per_step": s} for n, s in steps.items()}}}}}
+                "results": {"devices": {"1": {"fusion": fusion, "steps": {n: {"median_s_per_step": s}
+                                                                          for n, s in steps.items()}}}}}
 
-    # The suite times one step per call early and fused steps in a later part: one table shows both.
-    text = gpu_summary.model_table({"train_step_benchmark": train_run({"1": 0.03}),
-                                    "train_step_fused_benchmark": train_run({"5": 0.02}),
+    # The suite times one step per call early and fused steps in later parts: one table shows them all.
+    text = gpu_summary.model_table({"train_step_benchmark": train_run({"1": 0.03}, "scan"),
+                                    "train_step_fused_benchmark": train_run({"5": 0.02}, "scan"),
+                                    "train_step_unrolled_benchmark": train_run({"5": 0.025}, "unroll"),
                                     "pytorch_benchmark": {"results": {"train_step": {"median_s_per_step": 0.09}}}},
                                    "benchmark")
     assert "| train step, s (median, 1 per call) | 0.0300 | 0.0900 | 0.33 |" in text
-    assert "| train step, s (median, 5 fused per call) | 0.0200 | — | 0.22 |" in text
+    assert "| train step, s (median, 5 fused per call, scan) | 0.0200 | — | 0.22 |" in text
+    assert "| train step, s (median, 5 fused per call, unroll) | 0.0250 | — | 0.28 |" in text
 
 
 def test_summary_joins_the_merged_results_of_two_runs(tmp_path):

@@ -18,9 +18,11 @@ import pytest
 
 import losses
 import run_lib
+import sde_lib
 from configs.vp import digits
 from models import utils as mutils
 from score_sde import checkpoints, parallel, reporting
+from score_sde.config_checks import validate_config
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
@@ -173,8 +175,9 @@ def test_replicated_state_has_the_sharding_pmap_returns():
         assert before.sharding == after.sharding
 
 
-def test_fused_steps_equal_the_steps_one_after_another():
-    """run_lib.fuse_steps: n steps in one call give the carries and losses of n single calls."""
+@pytest.mark.parametrize("how", ["unroll", "scan"])
+def test_fused_steps_equal_the_steps_one_after_another(how):
+    """run_lib.fuse_steps: n steps in one call give the carries and losses of n single calls, unrolled or scanned."""
 
     def step_fn(carry, batch):
         rng, w = carry
@@ -185,7 +188,7 @@ def test_fused_steps_equal_the_steps_one_after_another():
 
     batches = {"image": jax.random.normal(jax.random.PRNGKey(1), (3, 4, 2))}
     carry = (jax.random.PRNGKey(0), jnp.ones(2))
-    fused_carry, fused_losses = jax.jit(run_lib.fuse_steps(step_fn))(carry, batches)
+    fused_carry, fused_losses = jax.jit(run_lib.fuse_steps(step_fn, how))(carry, batches)
     one_by_one = []
     for i in range(3):
         carry, loss = step_fn(carry, {"image": batches["image"][i]})
@@ -194,6 +197,36 @@ def test_fused_steps_equal_the_steps_one_after_another():
     np.testing.assert_allclose(np.asarray(fused_losses), np.asarray(one_by_one), rtol=1e-6)
     np.testing.assert_array_equal(np.asarray(fused_carry[0]), np.asarray(carry[0]))
     np.testing.assert_allclose(np.asarray(fused_carry[1]), np.asarray(carry[1]), rtol=1e-6)
+
+
+def test_fusion_unrolls_on_a_cpu_and_scans_elsewhere():
+    from score_sde import train_steps
+
+    assert [train_steps.fusion("auto", b) for b in ("cpu", "gpu", "tpu")] == ["unroll", "scan", "scan"]
+    assert train_steps.fusion("scan", "cpu") == "scan" and train_steps.fusion("unroll", "gpu") == "unroll"
+    with pytest.raises(ValueError, match="fuse_steps_with='loop'.*'auto', 'unroll', 'scan'"):
+        train_steps.fusion("loop")
+    with pytest.raises(ValueError, match="config.training.fuse_steps_with='loop' is not allowed"):
+        validate_config(tiny_config(training__fuse_steps_with="loop"))
+
+
+def test_the_config_picks_how_the_train_step_fuses_its_steps():
+    """``training.fuse_steps_with`` reaches the pmapped step: a ``scan`` in its program, or none (traced, not
+    compiled)."""
+    from score_sde import train_steps
+
+    programs = {}
+    for how in ("unroll", "scan"):
+        config = tiny_config(training__fuse_steps_with=how)
+        model, state = losses.init_train_state(jax.random.PRNGKey(0), config)
+        p_train_step, p_eval_step = train_steps.make_train_and_eval_steps(config, sde_lib.get_sde(config)[0], model)
+        keys = jax.random.split(jax.random.PRNGKey(1), parallel.local_device_count())
+        image = (config.data.image_size, config.data.image_size, config.data.num_channels)
+        batch = {"image": np.zeros(tuple(parallel.batch_dims(8, 2)) + image, np.float32)}
+        programs[how] = [str(jax.make_jaxpr(step)((keys, parallel.replicate(state)), batch))
+                         for step in (p_train_step, p_eval_step)]
+    assert all("scan[" in text for text in programs["scan"])
+    assert not any("scan[" in text for text in programs["unroll"])
 
 
 def test_train_writes_checkpoints_summaries_config_and_resumes(tmp_path):
