@@ -6,8 +6,8 @@ The model is ``--config`` (``benchmarks/common.py``): by default the benchmark D
 vp/cifar10_ddpmpp_continuous`` is the full DDPM++. Each figure is min / median over repeated calls after
 compilation, for the pmapped train step as ``run_lib.train`` runs it (``score_sde.train_steps``, which imports
 no TensorFlow), for each number of steps per call in ``--fused`` (``n_jitted_steps``; ``n > 1`` are fused into one
-call by ``fuse_steps``, unrolled or in ``lax.scan``: ``--fuse_with``), per step. Each count compiles its own program once (it has no figure on its own: the first
-call's time, compilation included, is recorded as ``first_call_s``).
+call by ``fuse_steps``, unrolled or in ``lax.scan``: ``--fuse_with``), per step. Each count compiles its own program
+once; the first call's time, compilation included, is recorded as ``first_call_s``.
 
 On a CPU backend ``--devices 1,2`` (the default there) runs once per device count; counts other than this
 process's run in a subprocess with ``XLA_FLAGS=--xla_force_host_platform_device_count=N`` (the same cores, so
@@ -97,8 +97,8 @@ def run(config_name: str, batch_size: int, reps: int, fused: Sequence[int], fuse
         second_s = time.perf_counter() - t0
         lo, med = _time(call, max(reps // n_steps, 3))
         how = "" if n_steps == 1 else f" ({result['fusion']})"
-        print(f"train step, {n_steps} fused per call{how}: {lo / n_steps:.4f} min / {med / n_steps:.4f} median s per step "
-              f"({n_steps / med:.2f} steps/s; first call incl. compilation {compile_s:.1f} s, second call "
+        print(f"train step, {n_steps} fused per call{how}: {lo / n_steps:.4f} min / {med / n_steps:.4f} median s "
+              f"per step ({n_steps / med:.2f} steps/s; first call incl. compilation {compile_s:.1f} s, second call "
               f"{second_s:.3f} s)", flush=True)
         result["steps"][str(n_steps)] = {"min_s_per_step": lo / n_steps, "median_s_per_step": med / n_steps,
                                          "first_call_s": compile_s, "second_call_s": second_s}
@@ -112,7 +112,8 @@ def run_in_subprocess(n: int, args) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "child.json")
         cmd = [sys.executable, os.path.abspath(__file__), "--child_out", out, "--config", args.config, "--batch",
-               str(args.batch), "--reps", str(args.reps), "--fused", ",".join(map(str, args.fused)), "--fuse_with", args.fuse_with]
+               str(args.batch), "--reps", str(args.reps), "--fused", ",".join(map(str, args.fused)),
+               "--fuse_with", args.fuse_with]
         subprocess.run(cmd, env=env, check=True)
         with open(out) as f:
             return json.load(f)
