@@ -66,7 +66,10 @@ def run(config_name: str, batch_size: int, reps: int, fused: Sequence[int], fuse
     n_dev = parallel.local_device_count()
     if batch_size % n_dev:
         raise ValueError(f"--batch {batch_size} is not divisible by the {n_dev} local devices.")
+    t0 = time.perf_counter()
     model, state = losses.init_train_state(jax.random.PRNGKey(0), config)
+    jax.block_until_ready(state)
+    init_s = time.perf_counter() - t0  # the model's jitted initialisation, compilation included
     num_params = sum(int(np.size(x)) for x in jax.tree_util.tree_leaves(state.params))
     sde, _ = sde_lib.get_sde(config)
     p_train_step, _ = train_steps.make_train_and_eval_steps(config, sde, model)
@@ -74,8 +77,10 @@ def run(config_name: str, batch_size: int, reps: int, fused: Sequence[int], fuse
     per_device = batch_size // n_dev
     rng = np.random.default_rng(0)
     print(f"devices {n_dev} | params {num_params:,} | global batch {per_device * n_dev} | "
-          f"{config.data.image_size}x{config.data.image_size}x{config.data.num_channels}", flush=True)
-    result = {"devices": n_dev, "params": num_params, "fusion": train_steps.config_fusion(config), "steps": {}}
+          f"{config.data.image_size}x{config.data.image_size}x{config.data.num_channels} | initialisation incl. "
+          f"compilation {init_s:.1f} s", flush=True)
+    result = {"devices": n_dev, "params": num_params, "fusion": train_steps.config_fusion(config), "init_s": init_s,
+              "steps": {}}
 
     for n_steps in fused:
         images = rng.uniform(-1, 1, (n_dev, n_steps, per_device) + shape).astype(np.float32)

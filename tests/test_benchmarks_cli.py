@@ -56,6 +56,7 @@ def test_train_step_cli(tmp_path):
     assert 0 < step["min_s_per_step"] <= step["median_s_per_step"]
     assert 0 < step["second_call_s"] < step["first_call_s"]
     assert data["results"]["devices"]["1"]["fusion"] == "unroll"  # 'auto' on a CPU
+    assert data["results"]["devices"]["1"]["init_s"] > 0
     assert f"| train step, s (median, 1 per call) | {step['median_s_per_step']:.4f} | — | — |" in text  # no port
 
 
