@@ -6,10 +6,13 @@
 # first (the PyTorch port, then our train steps, PC samplers, likelihoods, fast samplers, fused train steps, memory,
 # unrolled fused train steps);
 # a part cut or failed is named in the log and leaves a gap in the tables, not a stop. PARTS (default all: "port
-# train sampling likelihood fast fused memory") runs only the parts named, e.g. those a cut run left out.
+# train sampling likelihood fast fused memory unroll") runs only the parts named, e.g. those a cut run left out;
+# MODELS (default "benchmark full") the models of the parts timed per model (port, train, sampling, likelihood).
+# The fast samplers and the fused train steps always time the benchmark model.
 #
 #   bash benchmarks/gpu_suite.sh              # on the accelerator machine
 #   PARTS="train likelihood" bash benchmarks/gpu_suite.sh
+#   MODELS=full PARTS=train bash benchmarks/gpu_suite.sh
 #   bash benchmarks/gpu_suite.sh --cpu-smoke  # the same code paths on a CPU, tiny model (minutes, nothing to read)
 #   bash benchmarks/gpu_suite.sh --prepare    # here, with a package index: fetch what the offline machine lacks
 #
@@ -81,6 +84,11 @@ else
   FUSED=5; CAP_SCALE=1; ONE_DEVICE=()
   MEMORY_CONFIG=ve/celebahq_256_ncsnpp_continuous
 fi
+for label in ${MODELS:-$LABELS}; do
+  [ -n "${CONFIG[$label]:-}" ] || { echo "MODELS: no model '$label' (models: $LABELS)" >&2; exit 2; }
+done
+SMALL=${LABELS%% *}  # the model of the fast samplers and the fused train steps
+LABELS=${MODELS:-$LABELS}
 START=$SECONDS
 PARTS=" ${PARTS:-port train sampling likelihood fast fused memory unroll} "
 for name in $PARTS; do
@@ -168,7 +176,7 @@ if wanted likelihood; then
       --out "$WORK/likelihood_$label.json"
   done
 fi
-label=${LABELS%% *}
+label=$SMALL
 if wanted fast; then
   part "ours, fast samplers, $label" 150 "$PYTHON" benchmarks/sampling.py --config "${CONFIG[$label]}" \
     --batch "$BATCH" --reps 2 --skip_pc --skip_ode --fast "$FAST" --out "$WORK/fastsamplers_$label.json"

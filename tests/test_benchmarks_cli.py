@@ -6,6 +6,9 @@ import argparse
 import contextlib
 import io
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 
@@ -136,3 +139,33 @@ def test_memory_cli_variants_and_batches(tmp_path):
     with pytest.raises(SystemExit), contextlib.redirect_stderr(io.StringIO()) as err:
         memory.main(["--configs", "vp/digits", "--variants", "float32,fp8"])
     assert "unknown ['fp8']" in err.getvalue()
+
+
+def _suite(tmp_path, **env):
+    """``(exit status, printed text)`` of benchmarks/gpu_suite.sh in its GPU mode with no time to spend: every part
+    asked for is named and skipped, so the selection shows without running a benchmark."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    done = subprocess.run(["bash", "benchmarks/gpu_suite.sh"], cwd=root, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHON": sys.executable, "WHEELS": str(tmp_path / "no_wheels"),
+                               "OUT": str(tmp_path / "out"), "SUITE_SECONDS": "0", **env})
+    return done.returncode, done.stdout + done.stderr
+
+
+def test_gpu_suite_models_pick_the_per_model_parts(tmp_path):
+    status, text = _suite(tmp_path, MODELS="full", PARTS="train likelihood fast fused")
+    skipped = [line.removeprefix("=== ").split(":")[0] for line in text.splitlines() if line.endswith("are spent")]
+    assert status == 0, text
+    assert skipped == ["ours, train step, full", "ours, likelihood, full", "ours, fast samplers, benchmark",
+                       "ours, 5 fused train steps (scan), benchmark"]
+    status, text = _suite(tmp_path, PARTS="train")
+    assert [line for line in text.splitlines() if line.endswith("are spent")] == [
+        "=== ours, train step, benchmark: skipped, the suite's 0 s are spent",
+        "=== ours, train step, full: skipped, the suite's 0 s are spent"]
+
+
+@pytest.mark.parametrize("env, message", [({"MODELS": "full tiny"}, "MODELS: no model 'tiny'"),
+                                          ({"PARTS": "train sample"}, "PARTS: no part 'sample'")])
+def test_gpu_suite_refuses_unknown_names(tmp_path, env, message):
+    status, text = _suite(tmp_path, **env)
+    assert status == 2 and message in text, text
+    assert "=== " not in text  # nothing ran
