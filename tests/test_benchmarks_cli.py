@@ -1,7 +1,7 @@
 """The timing scripts' options that benchmarks/gpu_suite.sh uses, run on the CPU with the tiny model (no timings
 asserted): the backend line printed first, ``--config`` / ``--batch`` honoured, the ``--out`` JSON fields, and the
-table benchmarks/gpu_summary.py makes of each file. Each test runs one script (the tests stay independent under
-pytest-xdist)."""
+table benchmarks/gpu_summary.py makes of each file; and which parts gpu_suite.sh picks (run with no time to spend, so
+it runs none). Each test runs one script (the tests stay independent under pytest-xdist)."""
 import argparse
 import contextlib
 import io
