@@ -56,6 +56,17 @@ def _fail(message: str, code: int = 2) -> None:
     sys.exit(code)
 
 
+def _check_workdir(path: str, create: bool) -> None:
+    """Stop before any work when ``--workdir`` names a file or, for a job that starts one, cannot be made."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        _fail(f"--workdir={path} is a file, not a folder; choose another --workdir.")
+    if create:
+        try:
+            os.makedirs(path, exist_ok=True)
+        except OSError as err:
+            _fail(f"cannot create --workdir={path}: {err.strerror}; choose another --workdir.")
+
+
 def _config_file_message(argv: list[str]) -> str:
     """One line for a ``--config`` file that could not be loaded (its path taken from ``argv``)."""
     values = [b if a == "--config" else a.split("=", 1)[1] for a, b in zip(argv, argv[1:] + [""])
@@ -153,6 +164,8 @@ def main(argv) -> None:
         config_checks.validate_config(FLAGS.config, check_mode)
     except ValueError as err:
         _fail(str(err))
+
+    _check_workdir(FLAGS.workdir, create=check_mode == "train")
 
     # Training on data that are always present: compile its programs in the background while TensorFlow
     # imports and the data load (score_sde/train_programs.py).

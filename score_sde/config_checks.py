@@ -4,13 +4,15 @@
 initialisation or hours of training) and raises one ``ValueError`` listing every problem, one line each,
 each naming the field, its bad value and what is allowed.
 
-The checks are two tables:
+The checks are three tables:
 
 * ``_CHOICES``: fields whose value must come from a known set (SDE, model, predictor, corrector, sampler,
   ODE solver, dataset). The sets of models, predictors and correctors are read from their registries, so
   a newly registered one is accepted without editing this file.
 * ``_MULTIPLES``: integer fields that must be a multiple of another quantity (image size of the U-Net's
   down-sampling factor, batch sizes of the device count, frequencies of ``training.n_jitted_steps``).
+* ``_RANGES``: numbers that must lie in a range (widths, probabilities, noise scales, the learning rate and
+  the run length), which would otherwise fail deep inside JAX or, worse, train without failing.
 
 :func:`config_changes` compares a config with the one a training workdir recorded: the fields of
 :data:`SAFE_TO_CHANGE` may differ between runs of one workdir, any other difference means other checkpoints
@@ -146,6 +148,68 @@ _MULTIPLES: tuple[_Multiple, ...] = (
 )
 
 
+@dataclasses.dataclass(frozen=True)
+class _Range:
+    """Number ``field`` must lie between ``low`` and ``high`` (``None``: no bound); an absent field is not checked.
+
+    ``low_open`` / ``high_open`` exclude the bound itself, ``integer`` asks for an int, and ``modes`` are the
+    ``--mode`` values the rule matters for.
+    """
+
+    field: str
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+    integer: bool = False
+    modes: tuple[str, ...] = MODES
+
+    def contains(self, value: Any) -> bool:
+        if isinstance(value, bool) or not isinstance(value, int if self.integer else (int, float)):
+            return False
+        above = self.low is None or value > self.low or (value == self.low and not self.low_open)
+        below = self.high is None or value < self.high or (value == self.high and not self.high_open)
+        return above and below  # NaN is neither
+
+    def allowed(self) -> str:
+        bounds = [f'{sign} {bound:g}' for sign, bound in (('>' if self.low_open else '>=', self.low),
+                                                           ('<' if self.high_open else '<=', self.high))
+                  if bound is not None]
+        return f'{"an integer" if self.integer else "a number"} {" and ".join(bounds)}'
+
+
+_TRAIN = ('train',)
+_RANGES: tuple[_Range, ...] = (
+    _Range('model.nf', 1, integer=True),
+    _Range('model.num_res_blocks', 0, integer=True),
+    _Range('model.dropout', 0, 1, high_open=True),
+    _Range('model.ema_rate', 0, 1),
+    _Range('model.num_scales', 1, integer=True),
+    _Range('model.sigma_min', 0, low_open=True),
+    _Range('model.sigma_max', 0, low_open=True),
+    _Range('model.beta_min', 0),
+    _Range('model.beta_max', 0, low_open=True),
+    _Range('data.image_size', 1, integer=True),
+    _Range('data.num_channels', 1, integer=True),
+    _Range('sampling.snr', 0),
+    _Range('sampling.n_steps_each', 1, integer=True),
+    _Range('training.n_iters', 1, integer=True, modes=_TRAIN),
+    _Range('optim.lr', 0, low_open=True, modes=_TRAIN),
+    _Range('optim.warmup', 0, integer=True, modes=_TRAIN),
+    _Range('optim.beta1', 0, 1, high_open=True, modes=_TRAIN),
+    _Range('optim.eps', 0, modes=_TRAIN),
+    _Range('optim.weight_decay', 0, modes=_TRAIN),
+    _Range('eval.num_samples', 1, integer=True, modes=('eval',)),
+)
+
+
+def _check_range(config, rule: _Range) -> str | None:
+    value = _lookup(config, rule.field)
+    if value is _MISSING or rule.contains(value):
+        return None
+    return f'config.{rule.field}={value!r} is out of range; allowed values: {rule.allowed()}'
+
+
 def _check_choice(config, rule: _Choice) -> str | None:
     value = _lookup(config, rule.field)
     if value is _MISSING:
@@ -186,6 +250,7 @@ def validate_config(config, mode: str = 'train') -> None:
         raise ValueError(f'mode={mode!r} is not allowed; allowed values: {", ".join(map(repr, MODES))}')
     problems = [_check_choice(config, rule) for rule in _CHOICES]
     problems += [_check_multiple(config, rule) for rule in _MULTIPLES if mode in rule.modes]
+    problems += [_check_range(config, rule) for rule in _RANGES if mode in rule.modes]
     if _lookup(config, 'training.importance_weighting') is True:
         # score_flow's importance-sampled time exists for likelihood weighting on VP / sub-VP only.
         for field, ok, need in (('training.likelihood_weighting', _lookup(config, 'training.likelihood_weighting'),

@@ -244,6 +244,23 @@ BAD_CASES = [  # (field, bad value, mode, words the message must contain)
     ('training.eval_freq', 101, 'train', ['n_jitted_steps']),
     ('training.snapshot_freq', 50001, 'train', ['n_jitted_steps']),
     ('training.snapshot_freq_for_preemption', 10001, 'train', ['n_jitted_steps']),
+    # _RANGES: each message names the range; open bounds are tested at the bound itself.
+    ('model.nf', 0, 'train', ['an integer >= 1']),
+    ('model.num_res_blocks', -1, 'eval', ['an integer >= 0']),
+    ('model.dropout', 1.0, 'train', ['a number >= 0 and < 1']),
+    ('model.dropout', math.nan, 'train', ['a number >= 0 and < 1']),
+    ('model.ema_rate', 1.5, 'train', ['a number >= 0 and <= 1']),
+    ('model.num_scales', 0, 'eval', ['an integer >= 1']),
+    ('model.sigma_max', 0, 'eval', ['a number > 0']),
+    ('model.beta_min', -0.1, 'train', ['a number >= 0']),
+    ('data.num_channels', 0, 'train', ['an integer >= 1']),
+    ('sampling.snr', -0.16, 'eval', ['a number >= 0']),
+    ('sampling.n_steps_each', 0, 'eval', ['an integer >= 1']),
+    ('training.n_iters', 0, 'train', ['an integer >= 1']),
+    ('optim.lr', 0.0, 'train', ['a number > 0']),
+    ('optim.warmup', -1, 'train', ['an integer >= 0']),
+    ('optim.beta1', 1.0, 'train', ['a number >= 0 and < 1']),
+    ('eval.num_samples', 0, 'eval', ['an integer >= 1']),
 ]
 
 
@@ -256,6 +273,22 @@ def test_bad_value_is_reported_with_its_field(field, value, mode, words):
     assert repr(value) in lines[0]
     for word in words:
         assert word in lines[0], lines[0]
+
+
+@pytest.mark.parametrize('field, value, mode', [('optim.lr', -1.0, 'eval'), ('training.n_iters', 0, 'eval'),
+                                               ('eval.num_samples', 0, 'train')])
+def test_range_applies_to_its_modes_only(field, value, mode):
+    validate_config(_bad(field, value), mode=mode)  # raises if the rule were checked in this mode
+    with pytest.raises(ValueError, match=f'config.{field}='):
+        validate_config(_bad(field, value), mode='train' if mode == 'eval' else 'eval')
+
+
+@pytest.mark.parametrize('field, value', [('model.dropout', 0.0), ('model.ema_rate', 1.0), ('model.ema_rate', 0.0),
+                                          ('model.num_res_blocks', 0), ('optim.warmup', 0), ('optim.eps', 0.0),
+                                          ('model.beta_min', 0.0), ('sampling.snr', 0.0)])
+def test_range_bounds_that_are_allowed(field, value):
+    validate_config(_bad(field, value), mode='train')
+    validate_config(_bad(field, value), mode='eval')
 
 
 def test_registry_contents_are_the_allowed_values():

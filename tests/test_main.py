@@ -43,6 +43,22 @@ def test_invalid_config_is_reported_before_any_work(tmp_path):
     assert not (tmp_path / "w").exists()
 
 
+def test_workdir_that_is_a_file_or_cannot_be_made_is_refused_before_any_work(tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    for workdir, mode, message in [
+            (blocker, "train", f"error: --workdir={blocker} is a file, not a folder; choose another --workdir."),
+            (blocker, "eval", f"error: --workdir={blocker} is a file, not a folder; choose another --workdir."),
+            (blocker / "run", "train", f"error: cannot create --workdir={blocker / 'run'}: Not a directory; choose "
+                                       "another --workdir.")]:
+        out = _main("--config", "configs/vp/digits.py", "--workdir", str(workdir), "--mode", mode,
+                    "--config.training.n_iters=1", timeout=120)
+        assert out.returncode == 2, out.stderr
+        assert out.stderr.strip().splitlines()[-1] == message
+        assert "Traceback" not in out.stderr
+    assert blocker.read_text() == "not a folder"
+
+
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
 def test_write_samples_refuses_non_finite_values(tmp_path, bad):
     """A NaN would become 0 in the uint8 grid and pass unseen: one clear error instead, and nothing written."""
