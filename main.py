@@ -57,14 +57,21 @@ def _fail(message: str, code: int = 2) -> None:
 
 
 def _check_workdir(path: str, create: bool) -> None:
-    """Stop before any work when ``--workdir`` names a file or, for a job that starts one, cannot be made."""
+    """Stop before any work when ``--workdir`` names a file or, for a job that starts one, cannot be made (a
+    read-only or full disk is reported as the job reports it, exit status 1)."""
     if os.path.exists(path) and not os.path.isdir(path):
         _fail(f"--workdir={path} is a file, not a folder; choose another --workdir.")
     if create:
         try:
             os.makedirs(path, exist_ok=True)
         except OSError as err:
+            if err.errno in _DISK_ERRNOS:
+                _fail_cannot_write(err.filename or path, err.strerror)
             _fail(f"cannot create --workdir={path}: {err.strerror}; choose another --workdir.")
+
+
+def _fail_cannot_write(path: str, reason: str) -> None:
+    _fail(f"cannot write {path}: {reason}. Make it writable or free disk space, or choose another --workdir.", code=1)
 
 
 def _config_file_message(argv: list[str]) -> str:
@@ -122,13 +129,14 @@ def _job(function_name: str) -> tuple[Callable, tuple[type[Exception], ...]]:
     from score_sde.checkpoints import CorruptCheckpointError  # noqa: PLC0415
     from score_sde.datasets import DatasetUnavailableError  # noqa: PLC0415
     from score_sde.dequantizer_train import DequantizerError  # noqa: PLC0415
+    from score_sde.job_lock import FolderInUseError  # noqa: PLC0415
     from score_sde.paper_results import TablesError  # noqa: PLC0415
 
     job = getattr(run_lib, function_name, None)
     if job is None:
         _fail(f"--mode={FLAGS.mode} is not available in this version (run_lib.{function_name} is missing).")
     return job, (run_lib.TrainingDivergedError, run_lib.EvaluationError, run_lib.WorkdirConfigError,
-                 DatasetUnavailableError, CorruptCheckpointError, TablesError, DequantizerError)
+                 DatasetUnavailableError, CorruptCheckpointError, TablesError, DequantizerError, FolderInUseError)
 
 
 def main(argv) -> None:
@@ -186,8 +194,7 @@ def main(argv) -> None:
     except OSError as err:
         if err.errno not in _DISK_ERRNOS:
             raise
-        _fail(f"cannot write {err.filename or FLAGS.workdir}: {err.strerror}. Make it writable or free disk "
-              "space, or choose another --workdir.", code=1)
+        _fail_cannot_write(err.filename or FLAGS.workdir, err.strerror)
 
 
 if __name__ == "__main__":

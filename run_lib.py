@@ -37,7 +37,7 @@ from clu import metric_writers
 
 from models import utils as mutils
 from score_sde import checkpoints, datasets, eval_checks, eval_job, eval_records, inception, parallel, reporting
-from score_sde import sample_job, sample_plots, train_programs
+from score_sde import job_lock, sample_job, sample_plots, train_programs
 from score_sde.eval_checks import EvaluationError
 from score_sde.sample_job import SamplingError
 from score_sde.train_checkpoints import (TrainingDivergedError, all_finite, checkpoint_state, divergence_error,
@@ -123,6 +123,7 @@ def train(config, workdir: str, programs: train_programs.TrainPrograms | None = 
             state is saved and the last good checkpoint stays.
         datasets.DatasetUnavailableError, checkpoints.CorruptCheckpointError (every checkpoint is
             damaged), OSError (workdir not writable, disk full): also logged to ``stdout.txt``.
+        job_lock.FolderInUseError: another training job holds ``workdir`` (nothing written).
     """
     sample_dir = os.path.join(workdir, "samples")
     tb_dir = os.path.join(workdir, "tensorboard")
@@ -131,19 +132,21 @@ def train(config, workdir: str, programs: train_programs.TrainPrograms | None = 
     changes = check_workdir_config(config, workdir, bool(resume_candidates(checkpoint_meta_dir, checkpoint_dir)))
     for d in (workdir, sample_dir, tb_dir, checkpoint_dir, checkpoint_meta_dir):
         os.makedirs(d, exist_ok=True)
-    log_handler = reporting.add_log_file(os.path.join(workdir, "stdout.txt")) if parallel.is_main_process() else None
-    try:
-        return _train(config, workdir, changes, sample_dir, tb_dir, checkpoint_dir, checkpoint_meta_dir, programs)
-    except (TrainingDivergedError, datasets.DatasetUnavailableError, checkpoints.CorruptCheckpointError,
-            OSError) as err:
-        if log_handler is not None:  # the file only: the caller reports it on the console
-            log_handler.handle(logging.makeLogRecord({"levelno": logging.ERROR, "levelname": "ERROR",
-                                                      "msg": "Stopped: %s", "args": (err,), "filename": "run_lib.py"}))
-        raise
-    finally:
-        if log_handler is not None:
-            logging.getLogger().removeHandler(log_handler)
-            log_handler.close()
+    is_main = parallel.is_main_process()
+    with job_lock.hold(workdir, enabled=is_main):  # a second training job on this workdir stops here
+        log_handler = reporting.add_log_file(os.path.join(workdir, "stdout.txt")) if is_main else None
+        try:
+            return _train(config, workdir, changes, sample_dir, tb_dir, checkpoint_dir, checkpoint_meta_dir, programs)
+        except (TrainingDivergedError, datasets.DatasetUnavailableError, checkpoints.CorruptCheckpointError,
+                OSError) as err:
+            if log_handler is not None:  # the file only: the caller reports it on the console
+                log_handler.handle(logging.makeLogRecord({"levelno": logging.ERROR, "levelname": "ERROR", "msg":
+                                                          "Stopped: %s", "args": (err,), "filename": "run_lib.py"}))
+            raise
+        finally:
+            if log_handler is not None:
+                logging.getLogger().removeHandler(log_handler)
+                log_handler.close()
 
 
 def _train(config, workdir, changes, sample_dir, tb_dir, checkpoint_dir, checkpoint_meta_dir, programs):
@@ -331,6 +334,7 @@ def evaluate(config, workdir: str, eval_folder: str = "eval", feature_extractor=
     Raises:
         EvaluationError: a bad range or batch size, missing checkpoints, other settings than
             the folder's results, an unreadable checkpoint; one line naming the field or file.
+        job_lock.FolderInUseError: another process evaluates into ``eval_folder`` for this host.
     """
     eval_checks.check_eval_config(config)
     sample_metrics = (eval_job.load_sample_metric_inputs(config, feature_extractor) if config.eval.enable_sampling
@@ -352,39 +356,40 @@ def evaluate(config, workdir: str, eval_folder: str = "eval", feature_extractor=
     rng, model_rng = jax.random.split(jax.random.PRNGKey(config.seed + 1))
     job = eval_job.build_job(config, eval_dir, checkpoint_dir, model_rng, sample_metrics)  # reads the data: can fail
     os.makedirs(eval_dir, exist_ok=True)
-    if parallel.is_main_process():
-        eval_records.save_settings(eval_dir, settings)
-    if meta is None:
-        meta = eval_records.EvalMeta(ckpt_id=begin, rng=eval_records.key_to_list(parallel.fold_in_process(rng)))
-    else:
-        logging.info("Resuming the evaluation at checkpoint %d (loss done: %s, bits/dim rounds done: %d, "
-                     "bound rounds done: %d, sampling rounds done: %d)", meta.ckpt_id, meta.loss_done,
-                     meta.bpd_rounds_done, meta.bound_rounds_done, meta.sampling_rounds_done)
+    with job_lock.hold(eval_dir, job_lock.eval_lock(host)):  # a second evaluation of this folder stops here
+        if parallel.is_main_process():
+            eval_records.save_settings(eval_dir, settings)
+        if meta is None:
+            meta = eval_records.EvalMeta(ckpt_id=begin, rng=eval_records.key_to_list(parallel.fold_in_process(rng)))
+        else:
+            logging.info("Resuming the evaluation at checkpoint %d (loss done: %s, bits/dim rounds done: %d, "
+                         "bound rounds done: %d, sampling rounds done: %d)", meta.ckpt_id, meta.loss_done,
+                         meta.bpd_rounds_done, meta.bound_rounds_done, meta.sampling_rounds_done)
 
-    summary = {"title": f"Evaluation of {workdir}", "eval_dir": eval_dir, "checkpoints": {}}
-    if sample_metrics is not None:
-        summary["feature_extractor"] = job.extractor.name
-        summary["dataset statistics"] = job.stats_path
-    for ckpt in range(first, end + 1):
-        if ckpt != meta.ckpt_id:  # a new checkpoint (or one after a changed eval.begin_ckpt): nothing done yet
-            meta = job.save_meta(meta, ckpt_id=ckpt, loss_done=False, bpd_rounds_done=0, bound_rounds_done=0,
+        summary = {"title": f"Evaluation of {workdir}", "eval_dir": eval_dir, "checkpoints": {}}
+        if sample_metrics is not None:
+            summary["feature_extractor"] = job.extractor.name
+            summary["dataset statistics"] = job.stats_path
+        for ckpt in range(first, end + 1):
+            if ckpt != meta.ckpt_id:  # a new checkpoint (or one after a changed eval.begin_ckpt): nothing done yet
+                meta = job.save_meta(meta, ckpt_id=ckpt, loss_done=False, bpd_rounds_done=0, bound_rounds_done=0,
+                                     sampling_rounds_done=0, metrics_done=False)
+            meta = eval_job.evaluate_checkpoint(job, ckpt, meta)
+            summary["checkpoints"][str(ckpt)] = eval_records.summarize_checkpoint(eval_dir, ckpt, job.bpd_dataset,
+                                                                                  job.names)
+            if parallel.is_main_process():
+                eval_records.write_summary(os.path.join(eval_dir, "summary"), summary)
+            meta = job.save_meta(meta, ckpt_id=ckpt + 1, loss_done=False, bpd_rounds_done=0, bound_rounds_done=0,
                                  sampling_rounds_done=0, metrics_done=False)
-        meta = eval_job.evaluate_checkpoint(job, ckpt, meta)
-        summary["checkpoints"][str(ckpt)] = eval_records.summarize_checkpoint(eval_dir, ckpt, job.bpd_dataset,
-                                                                              job.names)
+
+        for ckpt in range(begin, end + 1):
+            row = eval_records.summarize_checkpoint(eval_dir, ckpt, job.bpd_dataset, job.names)
+            if row:
+                summary["checkpoints"][str(ckpt)] = row
         if parallel.is_main_process():
             eval_records.write_summary(os.path.join(eval_dir, "summary"), summary)
-        meta = job.save_meta(meta, ckpt_id=ckpt + 1, loss_done=False, bpd_rounds_done=0, bound_rounds_done=0,
-                             sampling_rounds_done=0, metrics_done=False)
-
-    for ckpt in range(begin, end + 1):
-        row = eval_records.summarize_checkpoint(eval_dir, ckpt, job.bpd_dataset, job.names)
-        if row:
-            summary["checkpoints"][str(ckpt)] = row
-    if parallel.is_main_process():
-        eval_records.write_summary(os.path.join(eval_dir, "summary"), summary)
-    os.remove(eval_records.eval_meta_path(eval_dir, host))
-    return summary
+        os.remove(eval_records.eval_meta_path(eval_dir, host))
+        return summary
 
 
 def fid_stats(config, workdir: str, feature_extractor=None) -> str:

@@ -30,7 +30,7 @@ import losses
 import sde_lib
 from models import utils as mutils
 from models.flowpp import dequantizer as flowpp
-from score_sde import checkpoints, datasets, parallel, reporting, train_checkpoints, train_steps
+from score_sde import checkpoints, datasets, job_lock, parallel, reporting, train_checkpoints, train_steps
 from score_sde import workdir_config
 
 # score_flow's --deq_folder default.
@@ -172,6 +172,7 @@ def train_deq(config, workdir: str) -> mutils.State:
 
     Raises:
         DequantizerError: no deq section in the config, or no score checkpoint in ``workdir``.
+        job_lock.FolderInUseError: another process is training this workdir's dequantiser.
         train_checkpoints.TrainingDivergedError: the loss or the parameters became NaN/inf (nothing of that state
             saved).
     """
@@ -186,6 +187,15 @@ def train_deq(config, workdir: str) -> mutils.State:
     sde, score_model, score_state, score_path = _load_score_model(config, workdir)
     for d in (checkpoint_dir, checkpoint_meta_dir):
         os.makedirs(d, exist_ok=True)
+    with job_lock.hold(deq_dir, enabled=parallel.is_main_process()):  # one dequantiser training per workdir
+        return _train_deq(config, deq_dir, config_changes, sde, score_model, score_state, score_path)
+
+
+def _train_deq(config, deq_dir: str, config_changes: dict, sde, score_model, score_state, score_path: str
+               ) -> mutils.State:
+    """The work of :func:`train_deq` once its checks have passed and the folder is this process's."""
+    checkpoint_dir = os.path.join(deq_dir, "checkpoints")
+    checkpoint_meta_dir = os.path.join(deq_dir, "checkpoints-meta")
     is_main = parallel.is_main_process()
     n_jitted = config.training.n_jitted_steps
     train_ds, eval_ds, _ = datasets.get_dataset(

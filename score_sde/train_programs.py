@@ -32,7 +32,7 @@ import numpy as np
 import losses
 import sde_lib
 from models import utils as mutils
-from score_sde import parallel, program_cache
+from score_sde import job_lock, parallel, program_cache
 from score_sde.train_checkpoints import resume_candidates, zeros_like_shapes
 from score_sde.train_steps import make_train_and_eval_steps
 from score_sde.workdir_config import WorkdirConfigError, check_workdir_config
@@ -239,7 +239,8 @@ def start_before_data(config, workdir: str) -> TrainPrograms | None:
 
     None (``run_lib.train`` then starts them itself, after loading the data) unless the data set is one
     of :data:`ALWAYS_AVAILABLE_DATASETS`, the workdir accepts the config and the workdir can be created:
-    a refused config or an unwritable workdir stops the job in ``run_lib.train`` before anything compiles.
+    a refused config, an unwritable workdir or one that another training job holds stops the job in
+    ``run_lib.train`` before anything compiles.
     """
     if config.data.dataset not in ALWAYS_AVAILABLE_DATASETS:
         return None
@@ -248,7 +249,9 @@ def start_before_data(config, workdir: str) -> TrainPrograms | None:
     try:
         check_workdir_config(config, workdir, has_checkpoints)
         os.makedirs(workdir, exist_ok=True)  # as run_lib.train does next
-    except (WorkdirConfigError, OSError):
+        if parallel.is_main_process():
+            job_lock.ensure_free(workdir)  # run_lib.train takes it
+    except (WorkdirConfigError, OSError, job_lock.FolderInUseError):
         return None
     logging.info("Compiling (or loading) the model's initialisation and train step in the background while the "
                  "data load.")
