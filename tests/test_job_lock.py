@@ -105,3 +105,15 @@ def test_a_second_evaluation_of_one_folder_is_refused_before_it_writes(tmp_path,
         with pytest.raises(job_lock.FolderInUseError, match=f"in use by process {holder.pid}"):
             run_lib.evaluate(config, str(tmp_path))
     assert [p.name for p in (tmp_path / "eval").iterdir()] == [job_lock.eval_lock(0)]
+
+
+def test_a_second_dequantiser_training_is_refused_before_it_writes(tmp_path, monkeypatch):
+    from score_sde import dequantizer_train  # noqa: PLC0415 (Flow++ code, only this test needs it)
+    from tests.test_train_deq import deq_config  # noqa: PLC0415
+
+    monkeypatch.setattr(dequantizer_train, "_load_score_model", lambda *args: (None, None, None, "stand-in"))
+    deq_dir = tmp_path / dequantizer_train.DEQ_FOLDER
+    with held_elsewhere(deq_dir) as holder:
+        with pytest.raises(job_lock.FolderInUseError, match=f"in use by process {holder.pid}"):
+            run_lib.train_deq(deq_config(), str(tmp_path))
+    assert [p.name for p in deq_dir.rglob("*") if p.is_file()] == [job_lock.TRAIN_LOCK]
