@@ -6,9 +6,10 @@ comes second is refused at once, with the holder's process, host and start time.
 
 The lock is ``fcntl.flock`` on a file in the folder (:data:`TRAIN_LOCK` for a training job), so the operating
 system releases it when the holding process ends, however it ends (``kill -9`` included): a lock file left on
-disk is never stale and never needs deleting. Holding is re-entrant within a process (``main.py`` takes the
-workdir's lock before it starts compiling, and ``run_lib.train`` takes it again). ``flock`` is local to one
-machine: on a file system shared between hosts (NFS) it may not see a job running on another host.
+disk is never stale and never needs deleting. ``main.py`` only checks that the workdir is free
+(:func:`ensure_free`, in ``train_programs.start_before_data``) before it starts compiling; ``run_lib.train``
+takes the lock. Holding is re-entrant within a process. ``flock`` is local to one machine: on a file system
+shared between hosts (NFS) it may not see a job running on another host.
 """
 from __future__ import annotations
 
